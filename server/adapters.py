@@ -1,0 +1,56 @@
+"""The adapter in service, and switching it.
+
+Every adapter version ``vN`` has its own immutable directory, engine name and
+LoRA id (= N), because vLLM never re-reads an id it has already loaded.
+Switching loads and warms the new version first and only then points new
+requests at it; answers already streaming finish on the adapter they started
+with (``AnswerService`` pins it when it claims a message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from server.engine.base import AdapterRef, ChatEngine
+from server.models import AdapterVersion
+
+log = logging.getLogger("tuneloop.adapters")
+
+
+def adapter_ref(row: AdapterVersion) -> AdapterRef:
+    return AdapterRef(name=row.name, lora_id=row.version, path=row.path)
+
+
+class AdapterRegistry:
+    """Holds the active adapter of this server process (None = base model)."""
+
+    def __init__(self, engine: ChatEngine, db: Engine) -> None:
+        self.engine = engine
+        self.db = db
+        self.active: AdapterRef | None = None
+        self._switch_lock = asyncio.Lock()
+
+    def active_in_db(self) -> AdapterRef | None:
+        with Session(self.db) as session:
+            row = session.exec(
+                select(AdapterVersion).where(AdapterVersion.status == "active")
+            ).first()
+            return adapter_ref(row) if row else None
+
+    async def switch_to(self, ref: AdapterRef | None) -> None:
+        """Load and warm ``ref`` in the engine, then serve new requests with it.
+        Raises AdapterLoadError (and keeps the current adapter) if it won't load."""
+        async with self._switch_lock:
+            if ref is not None and ref != self.active:
+                await self.engine.load_adapter(ref)
+            previous, self.active = self.active, ref
+            if previous != ref:
+                log.info("serving adapter %s (was %s)", ref.name if ref else "base", previous)
+
+    async def sync_with_db(self) -> None:
+        """Serve whatever the database says is active (start-up, after promotion)."""
+        await self.switch_to(self.active_in_db())

@@ -1,0 +1,98 @@
+"""The application factory: ``create_app(settings)`` wires settings, database,
+engine, adapter registry and routes. Nothing is built at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from server.adapters import AdapterRegistry
+from server.answers import AnswerService, reset_interrupted_answers
+from server.db import make_engine, session_scope, upgrade
+from server.engine.base import ChatEngine
+from server.engine.factory import build_engine
+from server.errors import install_error_handlers
+from server.middleware import BodySizeLimit, BrowserIdentity
+from server.models import User
+from server.rendering import STATIC_DIR, make_templates
+from server.routes import comparisons, feedback, health, openai_api, pages
+from server.settings import Settings
+
+log = logging.getLogger("tuneloop.app")
+
+
+def create_app(
+    settings: Settings | None = None, engine: ChatEngine | None = None, migrate: bool = True
+) -> FastAPI:
+    """Build the app. Pass ``engine`` to share one already-started engine (tests);
+    otherwise the app starts and stops its own in the background on start-up."""
+    settings = settings or Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = make_engine(settings.resolved_database_url)
+    if migrate:
+        upgrade(settings.resolved_database_url)
+    owns_engine = engine is None
+    chat_engine = engine or build_engine(settings)
+    adapters = AdapterRegistry(chat_engine, db)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        reset = reset_interrupted_answers(db)
+        if reset:
+            log.info("%d answers interrupted by the last shutdown will be regenerated", reset)
+        startup = asyncio.create_task(_start_serving(chat_engine, adapters, owns_engine))
+        app.state.startup_task = startup
+        try:
+            yield
+        finally:
+            startup.cancel()
+            if owns_engine:
+                await chat_engine.shutdown()
+            db.dispose()
+
+    app = FastAPI(title="tuneloop", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.db = db
+    app.state.engine = chat_engine
+    app.state.adapters = adapters
+    app.state.answers = AnswerService(settings, chat_engine, db, adapters)
+    app.state.templates = make_templates()
+    app.state.started_at = time.time()
+
+    install_error_handlers(app)
+    for module in (health, openai_api, feedback, comparisons, pages):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    def create_browser_user() -> int:
+        with session_scope(db) as session:
+            user = User(kind="browser")
+            session.add(user)
+            session.flush()
+            return user.id  # type: ignore[return-value]
+
+    app.add_middleware(
+        BrowserIdentity, secret_key=settings.secret_key, create_user=create_browser_user,
+        secure=settings.env == "production",
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app
+
+
+async def _start_serving(engine: ChatEngine, adapters: AdapterRegistry, owns_engine: bool) -> None:
+    """Start the engine (vLLM takes ~40 s on CPU: the port is open meanwhile and
+    /healthz says "starting"), then load the adapter the database calls active."""
+    try:
+        if owns_engine:
+            await engine.start()
+        await adapters.sync_with_db()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("engine start-up failed; /healthz reports it and requests get 503")

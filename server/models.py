@@ -1,0 +1,176 @@
+"""The preference store's tables (SQLModel).
+
+A conversation's messages form a tree: each message points at its parent, and
+regenerating an answer adds a sibling. ``Conversation.current_leaf_id`` names the
+branch being shown. Every assistant message records the adapter version that
+produced it (``None`` = base model) and its sampling settings, so any pair built
+from it can be traced back.
+
+Changing a table here needs a migration under ``alembic/versions``; a test
+fails when the migrated schema and these models disagree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _timestamp(nullable: bool = False, index: bool = False) -> Any:
+    column = Column(DateTime(timezone=True), nullable=nullable, index=index)
+    if nullable:
+        return Field(default=None, sa_column=column)
+    return Field(default_factory=utcnow, sa_column=column)
+
+
+class User(SQLModel, table=True):
+    """An identity: a browser (signed cookie) or an API client (bearer key)."""
+
+    __tablename__ = "users"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16, description="browser | api")
+    name: str = Field(default="", max_length=200)
+    excluded_from_training: bool = Field(default=False)
+    created_at: datetime = _timestamp()
+
+
+class ApiKey(SQLModel, table=True):
+    """A bearer key. Only its SHA-256 is kept; the key itself is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    name: str = Field(max_length=200)
+    prefix: str = Field(max_length=16, description="first characters, to recognise a key")
+    key_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = _timestamp()
+    revoked_at: datetime | None = _timestamp(nullable=True)
+
+
+class Conversation(SQLModel, table=True):
+    __tablename__ = "conversations"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    title: str = Field(default="New chat", max_length=200)
+    source: str = Field(default="web", max_length=16, description="web | api")
+    current_leaf_id: int | None = Field(
+        default=None, description="last message of the branch being shown"
+    )
+    created_at: datetime = _timestamp()
+    updated_at: datetime = _timestamp(index=True)
+
+
+class Message(SQLModel, table=True):
+    __tablename__ = "messages"
+
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_id: int = Field(foreign_key="conversations.id", index=True)
+    parent_id: int | None = Field(default=None, foreign_key="messages.id", index=True)
+    role: str = Field(max_length=16, description="system | user | assistant")
+    content: str = Field(default="", sa_column=Column(Text, nullable=False))
+    status: str = Field(
+        default="complete",
+        max_length=16,
+        description="pending | streaming | complete | stopped | error",
+    )
+    adapter_version: str | None = Field(
+        default=None, max_length=32, description="adapter that produced it; None = base model"
+    )
+    sampling: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    finish_reason: str | None = Field(default=None, max_length=32)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    created_at: datetime = _timestamp()
+    completed_at: datetime | None = _timestamp(nullable=True)
+
+
+class Feedback(SQLModel, table=True):
+    """A thumb on an assistant message: one per user per message, changeable."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("message_id", "user_id", name="uq_feedback_message_user"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: int = Field(foreign_key="messages.id", index=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    rating: str = Field(max_length=8, description="up | down")
+    comment: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _timestamp()
+    updated_at: datetime = _timestamp(index=True)
+
+
+class Comparison(SQLModel, table=True):
+    """Two answers to the same context, and which one the user preferred.
+
+    ``message_a_id`` is the answer shown as A (left); which sample lands there
+    is random, so position bias doesn't leak into the data.
+    """
+
+    __tablename__ = "comparisons"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    conversation_id: int = Field(foreign_key="conversations.id", index=True)
+    message_a_id: int = Field(foreign_key="messages.id")
+    message_b_id: int = Field(foreign_key="messages.id")
+    winner: str | None = Field(default=None, max_length=16, description="a | b | tie | both_bad")
+    created_at: datetime = _timestamp()
+    decided_at: datetime | None = _timestamp(nullable=True)
+
+
+class AdapterVersion(SQLModel, table=True):
+    """One immutable LoRA adapter directory ``adapters/vN`` and its fate."""
+
+    __tablename__ = "adapter_versions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    version: int = Field(unique=True, description="N of vN; never reused")
+    path: str = Field(max_length=1000)
+    status: str = Field(
+        default="candidate",
+        max_length=16,
+        description="candidate | active | retired | rejected | failed",
+    )
+    parent_version: int | None = Field(default=None, description="adapter it continued")
+    training_run_id: int | None = Field(default=None, foreign_key="training_runs.id")
+    metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = _timestamp()
+    activated_at: datetime | None = _timestamp(nullable=True)
+
+    @property
+    def name(self) -> str:
+        return f"v{self.version}"
+
+
+class TrainingRun(SQLModel, table=True):
+    """One retraining cycle: pairs -> ORPO -> gate -> (maybe) promotion."""
+
+    __tablename__ = "training_runs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    status: str = Field(
+        default="queued",
+        max_length=16,
+        description="queued | running | promoted | rejected | skipped | failed",
+    )
+    trigger: str = Field(default="manual", max_length=16, description="schedule | manual | api")
+    pid: int | None = None
+    progress: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = _timestamp()
+    started_at: datetime | None = _timestamp(nullable=True)
+    heartbeat_at: datetime | None = _timestamp(nullable=True)
+    finished_at: datetime | None = _timestamp(nullable=True)

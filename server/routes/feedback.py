@@ -1,0 +1,55 @@
+"""Feedback API: read an answer, rate it (``POST /api/messages/{id}/feedback``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlmodel import select
+
+from server.conversations import owned_message
+from server.deps import CurrentUser, SessionDep
+from server.models import Feedback, Message
+from server.preferences import FeedbackIn, record_feedback
+
+router = APIRouter(prefix="/api", tags=["feedback"])
+
+
+def feedback_json(feedback: Feedback | None) -> dict | None:
+    if feedback is None:
+        return None
+    return {
+        "rating": feedback.rating,
+        "comment": feedback.comment,
+        "tags": feedback.tags,
+        "updated_at": feedback.updated_at.isoformat(),
+    }
+
+
+def message_json(message: Message, feedback: Feedback | None = None) -> dict:
+    return {
+        "id": message.id,
+        "conversation_id": message.conversation_id,
+        "parent_id": message.parent_id,
+        "role": message.role,
+        "content": message.content,
+        "status": message.status,
+        "adapter": message.adapter_version,
+        "sampling": message.sampling,
+        "finish_reason": message.finish_reason,
+        "feedback": feedback_json(feedback),
+    }
+
+
+@router.get("/messages/{message_id}")
+def get_message(message_id: int, user: CurrentUser, session: SessionDep) -> dict:
+    message, _ = owned_message(session, user, message_id)
+    feedback = session.exec(
+        select(Feedback).where(Feedback.message_id == message_id, Feedback.user_id == user.id)
+    ).first()
+    return message_json(message, feedback)
+
+
+@router.post("/messages/{message_id}/feedback")
+def post_feedback(message_id: int, body: FeedbackIn, user: CurrentUser, session: SessionDep) -> dict:
+    feedback = record_feedback(session, user, message_id, body)
+    session.commit()
+    return {"message_id": message_id, **(feedback_json(feedback) or {})}

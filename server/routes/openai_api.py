@@ -1,0 +1,300 @@
+"""OpenAI-compatible API: ``GET /v1/models`` and ``POST /v1/chat/completions``.
+
+Each call is stored as a conversation (its history as a chain of messages) and
+every answer as a message whose id comes back in ``X-Tuneloop-Message-Id`` and
+in the body field ``tuneloop.message_id``, so the caller can rate it through
+the feedback API. ``n`` > 1 becomes n separate engine requests (seed, seed+1,
+…): the engine itself only ever sees n=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.answers import AnswerService
+from server.conversations import add_chain, add_message, start_conversation
+from server.db import session_scope
+from server.deps import AnswersDep, CurrentUser, SettingsDep
+from server.engine.base import GenerationChunk, SamplingSettings
+from server.errors import ApiError
+from server.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+SERVED_NAME = "tuneloop"
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=4)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+
+def validate_chat(messages: list[ChatMessageIn], settings: Settings) -> list[dict[str, str]]:
+    """Check the history against tuneloop's limits; return it as plain dicts."""
+    if len(messages) + 1 > settings.max_turns:
+        raise ApiError(
+            400, f"{len(messages)} messages is over the limit of {settings.max_turns} "
+            "(TUNELOOP_MAX_TURNS)", "messages",
+        )
+    plain = []
+    for i, message in enumerate(messages):
+        text = message.text()
+        if len(text) > settings.max_message_chars:
+            raise ApiError(
+                400,
+                f"messages.{i}.content is {len(text)} characters; the limit is "
+                f"{settings.max_message_chars} (TUNELOOP_MAX_MESSAGE_CHARS)",
+                f"messages.{i}.content",
+            )
+        plain.append({"role": message.role, "content": text})
+    if plain[-1]["role"] != "user":
+        raise ApiError(400, "the last message must have role `user`", "messages")
+    if not plain[-1]["content"].strip():
+        raise ApiError(400, "the last user message is empty", "messages")
+    return plain
+
+
+def sampling_from(body: ChatCompletionRequest, settings: Settings) -> SamplingSettings:
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    if max_tokens > settings.max_new_tokens:
+        raise ApiError(
+            400, f"max_tokens {max_tokens} is over the limit of {settings.max_new_tokens} "
+            "(TUNELOOP_MAX_NEW_TOKENS)", "max_tokens",
+        )
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingSettings(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        max_tokens=max_tokens,
+        seed=body.seed,
+        stop=tuple(stops),
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+    )
+
+
+def check_model(requested: str | None, request: Request) -> str:
+    known = {SERVED_NAME, request.app.state.engine.model}
+    if requested and requested not in known:
+        raise ApiError(
+            404, f"model `{requested}` does not exist; GET /v1/models lists "
+            f"{', '.join(sorted(known))}", "model",
+        )
+    return requested or SERVED_NAME
+
+
+@router.get("/models")
+async def list_models(request: Request, user: CurrentUser) -> dict:
+    adapter = request.app.state.adapters.active
+    created = int(request.app.state.started_at)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": SERVED_NAME,
+                "object": "model",
+                "created": created,
+                "owned_by": "tuneloop",
+                "tuneloop": {"adapter": adapter.name if adapter else None},
+            },
+            {"id": request.app.state.engine.model, "object": "model", "created": created,
+             "owned_by": "tuneloop", "tuneloop": {"adapter": None}},
+        ],
+    }
+
+
+def _store_request(
+    answers: AnswerService, user_id: int, history: list[dict[str, str]], sampling: SamplingSettings, n: int
+) -> list[int]:
+    """Store the history and n pending answers (siblings); return their ids."""
+    from server.models import User
+
+    with session_scope(answers.db) as session:
+        user = session.get(User, user_id)
+        first_user = next(m["content"] for m in history if m["role"] == "user")
+        conversation = start_conversation(session, user, "api", first_user)
+        parent = add_chain(session, conversation, history)
+        ids = []
+        for i in range(n):
+            seed = None if sampling.seed is None else sampling.seed + i
+            per_answer = SamplingSettings(**{**sampling.__dict__, "seed": seed})
+            answer = add_message(
+                session, conversation, parent.id, "assistant", status="pending",
+                sampling=per_answer.to_json(),
+            )
+            ids.append(answer.id)
+        conversation.current_leaf_id = ids[0]
+        return ids
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, user: CurrentUser, settings: SettingsDep,
+    answers: AnswersDep,
+):
+    model = check_model(body.model, request)
+    history = validate_chat(body.messages, settings)
+    sampling = sampling_from(body, settings)
+    answers.check_context_fits(history, sampling.max_tokens)
+    if not request.app.state.engine.ready:
+        raise ApiError(503, "the model engine is starting or restarting; retry shortly")
+    ids = _store_request(answers, user.id, history, sampling, body.n)
+    headers = {"X-Tuneloop-Message-Id": ",".join(str(i) for i in ids)}
+    completion_id = f"chatcmpl-{ids[0]}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _stream_events(answers, ids, completion_id, created, model, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    results = await asyncio.gather(*(answers.complete(i) for i in ids))
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": m.content},
+            "finish_reason": _openai_finish(m.finish_reason),
+        }
+        for i, m in enumerate(results)
+    ]
+    prompt_tokens = results[0].prompt_tokens or 0
+    completion_tokens = sum(m.completion_tokens or 0 for m in results)
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "tuneloop": {
+                "message_id": ids[0],
+                "message_ids": ids,
+                "adapter": results[0].adapter_version,
+            },
+        },
+        headers=headers,
+    )
+
+
+def _openai_finish(reason: str | None) -> str | None:
+    return {"abort": "stop", "stopped": "stop"}.get(reason or "", reason)
+
+
+async def _merged(answers: AnswerService, ids: list[int]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Interleave the streams of several answers as their chunks arrive."""
+    if len(ids) == 1:
+        async for chunk in answers.stream(ids[0]):
+            yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, message_id: int) -> None:
+        try:
+            async for chunk in answers.stream(message_id):
+                await queue.put((index, chunk))
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(i, m)) for i, m in enumerate(ids)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+                continue
+            yield item
+        for task in tasks:
+            task.result()  # re-raise an engine failure
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _stream_events(
+    answers: AnswerService, ids: list[int], completion_id: str, created: int, model: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    def event(choices: list, **extra) -> str:
+        payload = {
+            "id": completion_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": choices, "tuneloop": {"message_id": ids[0], "message_ids": ids},
+            **extra,
+        }
+        return f"data: {json.dumps(payload)}\n\n"
+
+    for index in range(len(ids)):
+        yield event([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    prompt_tokens = completion_tokens = 0
+    try:
+        async for index, chunk in _merged(answers, ids):
+            if chunk.text:
+                yield event([{"index": index, "delta": {"content": chunk.text}, "finish_reason": None}])
+            if chunk.finished:
+                prompt_tokens = chunk.prompt_tokens or prompt_tokens
+                completion_tokens += chunk.completion_tokens or 0
+                yield event([{"index": index, "delta": {}, "finish_reason": _openai_finish(chunk.finish_reason)}])
+    except Exception as exc:  # the stream has begun: report in-band, as OpenAI does
+        from server.errors import error_body
+
+        yield f"data: {json.dumps(error_body(503, f'generation failed: {exc}'))}\n\n"
+        return
+    if include_usage:
+        yield event([], usage={
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        })
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,336 @@
+"""The browser UI: conversation list, chat page, streamed answers, thumbs, A/B.
+
+Every page works without JavaScript (forms post, the server answers in full and
+redirects); htmx upgrades it: the turn is appended in place and the answer
+streams in over SSE. Full pages extend ``base.html``; the fragments
+``_name.html`` render both inside the page and as htmx swaps.
+"""
+
+from __future__ import annotations
+
+import random
+from html import escape
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from sqlmodel import Session, col, select
+
+from server.conversations import (
+    add_message,
+    check_turn_limit,
+    feedback_by_message,
+    list_conversations,
+    open_comparisons,
+    owned_conversation,
+    owned_message,
+    set_leaf,
+    siblings,
+    start_conversation,
+    thread,
+)
+from server.deps import AnswersDep, BrowserUser, SessionDep, SettingsDep
+from server.engine.base import EngineUnavailable
+from server.errors import ApiError
+from server.identity import csrf_token
+from server.models import Comparison, Conversation, Message, User
+from server.preferences import FeedbackIn, add_answer_pair, record_choice, record_feedback
+
+router = APIRouter(tags=["pages"], include_in_schema=False)
+
+ContentForm = Annotated[str, Form(max_length=100_000)]
+
+
+def _is_htmx(request: Request) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def _render(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
+    settings = request.app.state.settings
+    user: User | None = context.get("user")
+    base = {
+        "csrf": csrf_token(settings.secret_key, user.id) if user else "",
+        "adapter": request.app.state.adapters.active,
+        "engine": request.app.state.engine,
+    }
+    response = request.app.state.templates.TemplateResponse(
+        request, name, {**base, **context}, status_code=status
+    )
+    response.headers["Vary"] = "HX-Request"
+    return response
+
+
+# --- view models ------------------------------------------------------------
+
+
+def message_view(session: Session, user: User, message: Message, conversation: Conversation) -> dict:
+    """What a message's fragment needs: feedback, siblings, whether it's the leaf."""
+    sibs = siblings(session, message) if message.role == "assistant" else [message]
+    feedback = feedback_by_message(session, user, [message.id]).get(message.id)
+    return {
+        "m": message,
+        "feedback": feedback,
+        "sibling_ids": [s.id for s in sibs],
+        "sibling_index": [s.id for s in sibs].index(message.id) + 1,
+        "is_leaf": conversation.current_leaf_id == message.id,
+    }
+
+
+def thread_items(session: Session, user: User, conversation: Conversation) -> list[dict]:
+    """The visible thread; an undecided A/B pair at its end is shown as one item."""
+    messages = thread(session, conversation)
+    pending_pairs = {
+        c.message_a_id: c for c in open_comparisons(session, conversation)
+    }
+    items = []
+    for message in messages:
+        comparison = pending_pairs.get(message.id)
+        if comparison is not None and message.id == conversation.current_leaf_id:
+            items.append(comparison_view(session, user, comparison, conversation))
+        else:
+            items.append({"kind": "message", **message_view(session, user, message, conversation)})
+    return items
+
+
+def comparison_view(session: Session, user: User, comparison: Comparison, conversation: Conversation) -> dict:
+    a = session.get(Message, comparison.message_a_id)
+    b = session.get(Message, comparison.message_b_id)
+    return {
+        "kind": "comparison",
+        "c": comparison,
+        "a": message_view(session, user, a, conversation),
+        "b": message_view(session, user, b, conversation),
+    }
+
+
+def _in_open_comparison(session: Session, message: Message) -> Comparison | None:
+    return session.exec(
+        select(Comparison).where(
+            col(Comparison.winner).is_(None),
+            (Comparison.message_a_id == message.id) | (Comparison.message_b_id == message.id),
+        )
+    ).first()
+
+
+# --- pages ------------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse)
+def index(request: Request, user: BrowserUser, session: SessionDep) -> HTMLResponse:
+    return _render(
+        request, "index.html",
+        {"user": user, "conversations": list_conversations(session, user), "conversation": None},
+    )
+
+
+@router.get("/c/{conversation_id}", response_class=HTMLResponse)
+def conversation_page(conversation_id: int, request: Request, user: BrowserUser, session: SessionDep) -> HTMLResponse:
+    conversation = owned_conversation(session, user, conversation_id)
+    return _render(
+        request, "conversation.html",
+        {
+            "user": user,
+            "conversation": conversation,
+            "conversations": list_conversations(session, user),
+            "items": thread_items(session, user, conversation),
+        },
+    )
+
+
+def _check_text(text: str, max_chars: int) -> str:
+    text = text.strip()
+    if not text:
+        raise ApiError(400, "the message is empty; type something first", "content")
+    if len(text) > max_chars:
+        raise ApiError(
+            400, f"the message is {len(text)} characters; the limit is {max_chars}", "content"
+        )
+    return text
+
+
+def _add_turn(
+    session: Session, request: Request, user: User, conversation: Conversation, text: str, answers
+) -> dict:
+    """Store the user's message and one answer, or two as an A/B turn."""
+    settings = request.app.state.settings
+    ab = random.random() < settings.ab_rate
+    check_turn_limit(session, conversation, 3 if ab else 2, settings.max_turns)
+    question = add_message(session, conversation, conversation.current_leaf_id, "user", text)
+    if ab:
+        comparison, _, _ = add_answer_pair(
+            session, user, conversation, question,
+            answers.web_sampling().to_json(), answers.web_sampling().to_json(),
+        )
+        turn = {"question": question, "answer": comparison_view(session, user, comparison, conversation)}
+    else:
+        answer = add_message(
+            session, conversation, question.id, "assistant", status="pending",
+            sampling=answers.web_sampling().to_json(),
+        )
+        set_leaf(session, conversation, answer)
+        turn = {"question": question, "answer": {"kind": "message", **message_view(session, user, answer, conversation)}}
+    session.commit()
+    return turn
+
+
+async def _finish_without_js(answers, session: Session, conversation: Conversation) -> None:
+    """No JavaScript, no SSE: produce the pending answers before redirecting."""
+    pending = session.exec(
+        select(Message.id).where(Message.conversation_id == conversation.id, Message.status == "pending")
+    ).all()
+    for message_id in pending:
+        await answers.complete(message_id)
+
+
+@router.post("/c")
+async def new_conversation(
+    request: Request, user: BrowserUser, session: SessionDep, settings: SettingsDep,
+    answers: AnswersDep, content: ContentForm,
+) -> Response:
+    text = _check_text(content, settings.max_message_chars)
+    conversation = start_conversation(session, user, "web", text)
+    _add_turn(session, request, user, conversation, text, answers)
+    url = f"/c/{conversation.id}"
+    if _is_htmx(request):
+        return Response(status_code=204, headers={"HX-Location": url})
+    await _finish_without_js(answers, session, conversation)
+    return RedirectResponse(url, status_code=303)
+
+
+@router.post("/c/{conversation_id}/messages")
+async def post_message(
+    conversation_id: int, request: Request, user: BrowserUser, session: SessionDep,
+    settings: SettingsDep, answers: AnswersDep, content: ContentForm,
+) -> Response:
+    conversation = owned_conversation(session, user, conversation_id)
+    text = _check_text(content, settings.max_message_chars)
+    turn = _add_turn(session, request, user, conversation, text, answers)
+    if _is_htmx(request):
+        return _render(request, "_turn.html", {"user": user, "conversation": conversation, **turn})
+    await _finish_without_js(answers, session, conversation)
+    return RedirectResponse(f"/c/{conversation.id}", status_code=303)
+
+
+# --- answers: stream, stop, regenerate, select, rate ------------------------
+
+
+def _sse(event: str, data: str) -> str:
+    lines = data.split("\n")
+    return f"event: {event}\n" + "".join(f"data: {line}\n" for line in lines) + "\n"
+
+
+@router.get("/answers/{message_id}/stream")
+async def stream_answer(
+    message_id: int, request: Request, user: BrowserUser, session: SessionDep, answers: AnswersDep
+) -> StreamingResponse:
+    owned_message(session, user, message_id)
+    session.close()  # the stream may last minutes: don't hold a connection
+
+    async def events():
+        try:
+            async for chunk in answers.stream(message_id):
+                if chunk.text:
+                    yield _sse("token", escape(chunk.text))
+        except EngineUnavailable as exc:
+            yield _sse("token", f'<span class="inline-error">The model is unavailable ({escape(str(exc))}). Try again in a moment.</span>')
+        yield _sse("done", _final_fragment(request, user, message_id))
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _final_fragment(request: Request, user: User, message_id: int) -> str:
+    with Session(request.app.state.db) as session:
+        message = session.get(Message, message_id)
+        conversation = session.get(Conversation, message.conversation_id)
+        view = message_view(session, user, message, conversation)
+        in_comparison = _in_open_comparison(session, message) is not None
+        return request.app.state.templates.get_template("_message.html").render(
+            {**view, "in_comparison": in_comparison, "csrf": csrf_token(request.app.state.settings.secret_key, user.id)}
+        )
+
+
+@router.post("/answers/{message_id}/stop")
+async def stop_answer(message_id: int, user: BrowserUser, session: SessionDep, answers: AnswersDep) -> Response:
+    message, conversation = owned_message(session, user, message_id)
+    await answers.stop(message_id)
+    return Response(status_code=204)
+
+
+@router.post("/answers/{message_id}/regenerate")
+async def regenerate(
+    message_id: int, request: Request, user: BrowserUser, session: SessionDep,
+    settings: SettingsDep, answers: AnswersDep,
+) -> Response:
+    message, conversation = owned_message(session, user, message_id)
+    if message.role != "assistant":
+        raise ApiError(400, "only answers can be regenerated")
+    check_turn_limit(session, conversation, 1, settings.max_turns)
+    sibling = add_message(
+        session, conversation, message.parent_id, "assistant", status="pending",
+        sampling=answers.web_sampling().to_json(),
+    )
+    set_leaf(session, conversation, sibling)
+    session.commit()
+    if _is_htmx(request):
+        view = message_view(session, user, sibling, conversation)
+        return _render(request, "_message.html", {"user": user, **view})
+    await answers.complete(sibling.id)
+    return RedirectResponse(f"/c/{conversation.id}", status_code=303)
+
+
+@router.post("/answers/{message_id}/select")
+def select_branch(message_id: int, user: BrowserUser, session: SessionDep) -> Response:
+    """Show another regeneration of an answer (and the conversation that followed it)."""
+    message, conversation = owned_message(session, user, message_id)
+    leaf = message
+    while True:
+        child = session.exec(
+            select(Message).where(Message.parent_id == leaf.id).order_by(col(Message.id).desc())
+        ).first()
+        if child is None:
+            break
+        leaf = child
+    set_leaf(session, conversation, leaf)
+    session.commit()
+    return RedirectResponse(f"/c/{conversation.id}", status_code=303)
+
+
+@router.post("/answers/{message_id}/feedback")
+def rate_answer(
+    message_id: int, request: Request, user: BrowserUser, session: SessionDep,
+    rating: Annotated[str | None, Form()] = None,
+    current_rating: Annotated[str | None, Form()] = None,
+    comment: Annotated[str, Form(max_length=2000)] = "",
+    tags: Annotated[str, Form(max_length=500)] = "",
+) -> Response:
+    chosen = rating or current_rating
+    if chosen not in ("up", "down"):
+        raise ApiError(400, "choose thumbs up or thumbs down first", "rating")
+    data = FeedbackIn(rating=chosen, comment=comment, tags=[t for t in tags.split(",") if t.strip()])
+    record_feedback(session, user, message_id, data)
+    session.commit()
+    message, conversation = owned_message(session, user, message_id)
+    if _is_htmx(request):
+        view = message_view(session, user, message, conversation)
+        return _render(request, "_feedback.html", {"user": user, **view})
+    return RedirectResponse(f"/c/{conversation.id}", status_code=303)
+
+
+@router.post("/comparisons/{comparison_id}/choice")
+def choose(
+    comparison_id: int, request: Request, user: BrowserUser, session: SessionDep,
+    winner: Annotated[str, Form()],
+) -> Response:
+    if winner not in ("a", "b", "tie", "both_bad"):
+        raise ApiError(400, "winner must be a, b, tie or both_bad", "winner")
+    comparison = record_choice(session, user, comparison_id, winner)  # type: ignore[arg-type]
+    session.commit()
+    conversation = session.get(Conversation, comparison.conversation_id)
+    if _is_htmx(request):
+        chosen = session.get(Message, comparison.message_b_id if winner == "b" else comparison.message_a_id)
+        view = message_view(session, user, chosen, conversation)
+        return _render(request, "_message.html", {"user": user, **view, "choice": winner})
+    return RedirectResponse(f"/c/{conversation.id}", status_code=303)

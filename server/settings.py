@@ -1,0 +1,106 @@
+"""tuneloop's settings: one class, read from ``TUNELOOP_*`` environment variables.
+
+Every setting is documented where it is declared; the README lists them all and
+a test fails when one is missing there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
+DEVELOPMENT_ADMIN_TOKEN = "dev-admin-token"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNELOOP_", extra="ignore")
+
+    env: str = Field(
+        "development",
+        description="`development` or `production`. Production refuses the default admin "
+        "token and the default cookie secret.",
+    )
+    host: str = Field("127.0.0.1", description="Address the web server binds to.")
+    port: int = Field(8000, description="Port the web server listens on.")
+    data_dir: Path = Field(
+        Path("data"), description="Folder for the SQLite database, adapters and run logs."
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the preference store. Default: SQLite at "
+        "`$TUNELOOP_DATA_DIR/tuneloop.db`. PostgreSQL: `postgresql+psycopg://user@host/db`.",
+    )
+    model: str = Field(
+        str(DEFAULT_MODEL_DIR),
+        description="Hugging Face model folder (or hub id, where a hub is reachable) served "
+        "and trained. Default: the packaged SmolLM2-135M-Instruct, converted by `make run`.",
+    )
+    engine: str = Field(
+        "vllm",
+        description="`vllm` (in-process vLLM AsyncLLM) or `fake` (canned answers, for "
+        "UI work and fast tests only).",
+    )
+    admin_token: str = Field(
+        DEVELOPMENT_ADMIN_TOKEN,
+        description="Bearer token for /api/admin/*. Must be changed outside development.",
+    )
+    secret_key: str = Field(
+        "dev-secret-change-me",
+        description="Key that signs browser identity cookies and CSRF tokens.",
+    )
+    retrain_cron: str = Field(
+        "0 3 * * *", description="Crontab expression of the scheduled retraining (nightly)."
+    )
+    min_new_pairs: int = Field(
+        20, description="A scheduled retraining runs only when at least this many new pairs exist."
+    )
+    ab_rate: float = Field(
+        0.2, ge=0.0, le=1.0, description="Share of chat turns shown as an A/B choice."
+    )
+    max_message_chars: int = Field(8000, description="Longest accepted user message.")
+    max_turns: int = Field(
+        200, description="Most messages (user and assistant) in one conversation."
+    )
+    max_request_bytes: int = Field(262_144, description="Largest accepted request body.")
+    max_new_tokens: int = Field(512, description="Upper bound on `max_tokens` of one answer.")
+    default_max_tokens: int = Field(256, description="Answer length when a request names none.")
+    default_temperature: float = Field(0.7, description="Sampling temperature for the web chat.")
+    max_model_len: int = Field(2048, description="Context length the engine reserves per request.")
+    max_lora_rank: int = Field(16, description="Largest LoRA rank the engine can load.")
+    max_loras: int = Field(2, description="Adapters the engine keeps loaded at once.")
+    kv_cache_gib: int = Field(
+        2, description="KV cache size (GiB) for the CPU backend (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    cpu_threads_bind: str = Field(
+        "all", description="Cores vLLM's CPU backend binds to (VLLM_CPU_OMP_THREADS_BIND); "
+        "`all` means every core of this machine."
+    )
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_secrets_outside_development(self) -> Settings:
+        if self.env != "development":
+            if self.admin_token == DEVELOPMENT_ADMIN_TOKEN or len(self.admin_token) < 16:
+                raise ValueError(
+                    "TUNELOOP_ADMIN_TOKEN must be set to a secret of 16+ characters "
+                    "outside development"
+                )
+            if self.secret_key == "dev-secret-change-me":
+                raise ValueError("TUNELOOP_SECRET_KEY must be set outside development")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tuneloop.db').resolve()}"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
