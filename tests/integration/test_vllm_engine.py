@@ -1,0 +1,327 @@
+"""VllmChatEngine against the real vLLM engine and the small packaged model.
+
+One engine serves the whole session (the ``vllm_engine`` and ``engine_loop``
+fixtures): it lives on an ``EngineThread`` loop and tests submit coroutines to
+it, so the tests themselves are synchronous and any event loop can share it. The restart test
+kills the engine core and waits until the engine is back, so the engine is
+usable again by whatever runs after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.engine.base import (
+    AdapterLoadError,
+    AdapterRef,
+    EngineUnavailable,
+    GenerationChunk,
+    SamplingSettings,
+)
+from server.engine.loop_thread import EngineThread
+from server.engine.vllm_engine import VllmChatEngine
+
+pytestmark = pytest.mark.engine
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+HELLO = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
+GREEDY = SamplingSettings(temperature=0.0, max_tokens=24)
+
+
+@pytest.fixture
+def engine(vllm_engine: VllmChatEngine) -> VllmChatEngine:
+    """The session's engine (``vllm_engine`` from ``tests/support/fixtures.py``)."""
+    return vllm_engine
+
+
+@pytest.fixture
+def run(engine_loop: EngineThread):
+    """Run a coroutine on the engine's loop and return its result."""
+
+    def _run(coro: Coroutine[Any, Any, Any], timeout: float = 120) -> Any:
+        return engine_loop.run(coro, timeout=timeout)
+
+    return _run
+
+
+async def collect(
+    engine: VllmChatEngine,
+    messages: list[dict[str, str]],
+    sampling: SamplingSettings = GREEDY,
+    request_id: str | None = None,
+    adapter: AdapterRef | None = None,
+) -> list[GenerationChunk]:
+    request_id = request_id or f"test-{time.monotonic_ns()}"
+    return [chunk async for chunk in engine.generate(messages, sampling, request_id, adapter)]
+
+
+def text_of(chunks: list[GenerationChunk]) -> str:
+    return "".join(chunk.text for chunk in chunks)
+
+
+def unfinished(engine: VllmChatEngine) -> int:
+    llm = engine._llm
+    assert llm is not None
+    return llm.get_num_unfinished_requests()
+
+
+def make_lora(model: str, path: Path, seed: int, rank: int = 8) -> Path:
+    """A random (non-zero) PEFT LoRA on every linear projection of the model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(base, config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(
+    vllm_engine: VllmChatEngine, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    model = vllm_engine.model
+    return {
+        "v1": make_lora(model, root / "v1", seed=1),
+        "v2": make_lora(model, root / "v2", seed=2),
+        "rank32": make_lora(model, root / "rank32", seed=3, rank=32),
+    }
+
+
+def test_stream_yields_deltas_then_a_finish(engine: VllmChatEngine, run) -> None:
+    chunks = run(collect(engine, STORY, SamplingSettings(temperature=0.0, max_tokens=16)))
+
+    assert len(chunks) >= 3
+    assert all(not chunk.finished for chunk in chunks[:-1])
+    last = chunks[-1]
+    assert last.finished
+    assert last.finish_reason in ("stop", "length")
+    assert last.prompt_tokens == engine.count_prompt_tokens(STORY)
+    assert 0 < last.completion_tokens <= 16
+    assert text_of(chunks).strip()
+
+
+def test_temperature_zero_is_deterministic(engine: VllmChatEngine, run) -> None:
+    first = text_of(run(collect(engine, HELLO)))
+    second = text_of(run(collect(engine, HELLO)))
+
+    assert first == second
+    assert "Paris" in first
+
+
+def test_seed_makes_sampling_repeatable(engine: VllmChatEngine, run) -> None:
+    def sampled(seed: int) -> str:
+        sampling = SamplingSettings(temperature=1.0, max_tokens=24, seed=seed)
+        return text_of(run(collect(engine, STORY, sampling)))
+
+    assert sampled(7) == sampled(7)
+    assert len({sampled(7), sampled(8), sampled(9)}) > 1
+
+
+def test_abort_stops_a_long_generation(engine: VllmChatEngine, run) -> None:
+    long = SamplingSettings(temperature=0.8, max_tokens=1500)
+
+    async def abort_after_a_few_chunks() -> list[GenerationChunk]:
+        chunks: list[GenerationChunk] = []
+        async for chunk in engine.generate(STORY, long, "to-abort"):
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                await engine.abort("to-abort")
+        return chunks
+
+    chunks = run(abort_after_a_few_chunks())
+
+    assert chunks[-1].finished
+    assert chunks[-1].finish_reason == "abort"
+    assert chunks[-1].completion_tokens < 50
+    assert unfinished(engine) == 0
+    assert run(collect(engine, HELLO))[-1].finished
+
+
+def test_closing_the_stream_aborts_the_request(engine: VllmChatEngine, run) -> None:
+    long = SamplingSettings(temperature=0.8, max_tokens=1500)
+
+    async def read_three_then_close() -> int:
+        stream = engine.generate(STORY, long, "to-close")
+        for _ in range(3):
+            await anext(stream)
+        await stream.aclose()
+        await asyncio.sleep(0.2)
+        return unfinished(engine)
+
+    assert run(read_three_then_close()) == 0
+    assert run(collect(engine, HELLO))[-1].finished
+
+
+def test_cancelling_the_consumer_aborts_the_request(engine: VllmChatEngine, run) -> None:
+    long = SamplingSettings(temperature=0.8, max_tokens=1500)
+
+    async def cancel_a_consumer() -> tuple[int, int]:
+        received: list[GenerationChunk] = []
+
+        async def consume() -> None:
+            async for chunk in engine.generate(STORY, long, "to-cancel"):
+                received.append(chunk)
+
+        task = asyncio.create_task(consume())
+        while len(received) < 3:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        return len(received), unfinished(engine)
+
+    received, still_running = run(cancel_a_consumer())
+
+    assert received < 50
+    assert still_running == 0
+
+
+def test_many_concurrent_seeded_requests_all_finish(engine: VllmChatEngine, run) -> None:
+    async def sixteen() -> list[list[GenerationChunk]]:
+        return await asyncio.gather(
+            *(
+                collect(
+                    engine,
+                    [{"role": "user", "content": f"Tell me a fact about the number {i}."}],
+                    SamplingSettings(temperature=0.9, max_tokens=12, seed=i),
+                    f"concurrent-{i}",
+                )
+                for i in range(16)
+            )
+        )
+
+    results = run(sixteen(), timeout=300)
+
+    assert len(results) == 16
+    for chunks in results:
+        assert chunks[-1].finished
+        assert chunks[-1].completion_tokens > 0
+    assert engine.ready
+
+
+def test_prompt_longer_than_the_context_is_a_value_error(engine: VllmChatEngine, run) -> None:
+    too_long = [{"role": "user", "content": "word " * 3000}]
+
+    assert engine.count_prompt_tokens(too_long) > 2048
+    with pytest.raises(ValueError):
+        run(collect(engine, too_long))
+    assert engine.ready
+
+
+def test_lora_adapters_load_and_change_the_answer(
+    engine: VllmChatEngine, run, lora_dirs: dict[str, Path]
+) -> None:
+    v1 = AdapterRef("v1", 1, str(lora_dirs["v1"]))
+    v2 = AdapterRef("v2", 2, str(lora_dirs["v2"]))
+    base = text_of(run(collect(engine, HELLO)))
+
+    run(engine.load_adapter(v1))
+    run(engine.load_adapter(v2))
+
+    async def all_three() -> list[str]:
+        answers = await asyncio.gather(
+            collect(engine, HELLO, adapter=v1),
+            collect(engine, HELLO, adapter=v2),
+            collect(engine, HELLO),
+        )
+        return [text_of(chunks) for chunks in answers]
+
+    with_v1, with_v2, without = run(all_three())
+    assert with_v1 != base
+    assert with_v2 != base
+    assert with_v1 != with_v2
+    assert without == base
+    assert text_of(run(collect(engine, HELLO, adapter=v1))) == with_v1
+
+
+def test_an_adapter_id_cannot_be_reused_for_another_version(
+    engine: VllmChatEngine, run, lora_dirs: dict[str, Path]
+) -> None:
+    run(engine.load_adapter(AdapterRef("v1", 1, str(lora_dirs["v1"]))))
+
+    with pytest.raises(AdapterLoadError, match="own id"):
+        run(engine.load_adapter(AdapterRef("v9", 1, str(lora_dirs["v2"]))))
+
+
+def test_unusable_adapters_raise_and_the_engine_keeps_serving(
+    engine: VllmChatEngine, run, lora_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text("{not json")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"garbage")
+    half = tmp_path / "half"
+    half.mkdir()
+    config = json.loads((lora_dirs["v1"] / "adapter_config.json").read_text())
+    (half / "adapter_config.json").write_text(json.dumps(config))
+    (half / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+
+    bad = [
+        AdapterRef("corrupt", 101, str(corrupt)),
+        AdapterRef("half", 102, str(half)),
+        AdapterRef("missing", 103, str(tmp_path / "nowhere")),
+        AdapterRef("too-big", 104, str(lora_dirs["rank32"])),
+    ]
+    for adapter in bad:
+        with pytest.raises(AdapterLoadError, match=adapter.name):
+            run(engine.load_adapter(adapter))
+
+    assert engine.ready
+    assert run(collect(engine, HELLO))[-1].finished
+
+
+def test_a_dead_engine_answers_unavailable_then_restarts_itself(
+    engine: VllmChatEngine, run, lora_dirs: dict[str, Path]
+) -> None:
+    v1 = AdapterRef("v1", 1, str(lora_dirs["v1"]))
+    run(engine.load_adapter(v1))
+    before = text_of(run(collect(engine, HELLO, adapter=v1)))
+    restarts = engine.restarts
+    pids = engine.engine_core_pids()
+    assert pids
+
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+    deadline = time.monotonic() + 30
+    while True:
+        started = time.monotonic()
+        try:
+            run(collect(engine, HELLO), timeout=30)
+        except EngineUnavailable:
+            assert time.monotonic() - started < 5
+            break
+        assert time.monotonic() < deadline, "a request still succeeded after the kill"
+        time.sleep(0.2)
+    assert not engine.ready
+    assert engine.state == "restarting"
+    assert engine.restarts == restarts + 1
+
+    deadline = time.monotonic() + 180
+    while not engine.ready:
+        assert time.monotonic() < deadline, f"engine did not come back: {engine.last_error}"
+        time.sleep(1)
+
+    assert engine.state == "ready"
+    assert engine.engine_core_pids() != pids
+    assert run(collect(engine, HELLO))[-1].finished
+    assert text_of(run(collect(engine, HELLO, adapter=v1))) == before
