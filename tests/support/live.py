@@ -3,6 +3,7 @@ the loop that owns the shared engine, so many apps can share one vLLM engine."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import socket
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class LiveServer:
     base_url: str
     server: uvicorn.Server
     loop_thread: EngineThread
+    serving: concurrent.futures.Future
 
     def api_key(self, name: str = "tester") -> str:
         with session_scope(self.app.state.db) as session:
@@ -41,20 +43,24 @@ class LiveServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        deadline = time.monotonic() + 15
-        while self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.serving.result(timeout=30)
 
 
 def start_live_server(settings: Settings, engine: ChatEngine, loop_thread: EngineThread) -> LiveServer:
     app = create_app(settings, engine=engine)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
     server = uvicorn.Server(config)
-    loop_thread.submit(server.serve())
+    serving = loop_thread.submit(server.serve())
     deadline = time.monotonic() + 30
     while not server.started:
         if time.monotonic() > deadline:
             raise RuntimeError("test server did not start within 30 s")
+        if serving.done():
+            serving.result()  # raises why it failed
         time.sleep(0.02)
-    return LiveServer(app=app, base_url=f"http://127.0.0.1:{port}", server=server, loop_thread=loop_thread)
+    return LiveServer(app=app, base_url=f"http://127.0.0.1:{port}", server=server,
+                      loop_thread=loop_thread, serving=serving)

@@ -121,8 +121,10 @@ def test_chat_template_and_generation_config_are_kept(converted):
     assert tokenizer.model_max_length <= 8192
 
     generation = GenerationConfig.from_pretrained(out)
-    assert generation.eos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids(
-        "<|im_end|>"
+    assert (
+        generation.eos_token_id
+        == tokenizer.eos_token_id
+        == tokenizer.convert_tokens_to_ids("<|im_end|>")
     )
     assert generation.pad_token_id is not None
 
