@@ -50,7 +50,3 @@ class AdapterRegistry:
             previous, self.active = self.active, ref
             if previous != ref:
                 log.info("serving adapter %s (was %s)", ref.name if ref else "base", previous)
-
-    async def sync_with_db(self) -> None:
-        """Serve whatever the database says is active (start-up, after promotion)."""
-        await self.switch_to(self.active_in_db())

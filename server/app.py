@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from server.adapter_watcher import watch_active_adapter
 from server.adapters import AdapterRegistry
 from server.answers import AnswerService, reset_interrupted_answers
 from server.db import make_engine, session_scope, upgrade
@@ -21,7 +22,9 @@ from server.errors import install_error_handlers
 from server.middleware import BodySizeLimit, BrowserIdentity
 from server.models import User
 from server.rendering import STATIC_DIR, make_templates
-from server.routes import comparisons, feedback, health, openai_api, pages
+from server.retraining import reap_stale_runs
+from server.routes import admin, comparisons, feedback, health, openai_api, pages
+from server.scheduler import RetrainScheduler
 from server.settings import Settings
 
 log = logging.getLogger("tuneloop.app")
@@ -46,12 +49,21 @@ def create_app(
         reset = reset_interrupted_answers(db)
         if reset:
             log.info("%d answers interrupted by the last shutdown will be regenerated", reset)
-        startup = asyncio.create_task(_start_serving(chat_engine, adapters, owns_engine))
-        app.state.startup_task = startup
+        with session_scope(db) as session:
+            reap_stale_runs(session)
+        startup = asyncio.create_task(
+            _start_serving(chat_engine, adapters, owns_engine, settings.adapter_poll_seconds)
+        )
+        scheduler = RetrainScheduler(settings, db) if settings.scheduler else None
+        if scheduler:
+            scheduler.start()
+        app.state.scheduler = scheduler
         try:
             yield
         finally:
             startup.cancel()
+            if scheduler:
+                scheduler.shutdown()
             if owns_engine:
                 await chat_engine.shutdown()
             db.dispose()
@@ -66,7 +78,7 @@ def create_app(
     app.state.started_at = time.time()
 
     install_error_handlers(app)
-    for module in (health, openai_api, feedback, comparisons, pages):
+    for module in (health, openai_api, feedback, comparisons, admin, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -85,14 +97,18 @@ def create_app(
     return app
 
 
-async def _start_serving(engine: ChatEngine, adapters: AdapterRegistry, owns_engine: bool) -> None:
+async def _start_serving(
+    engine: ChatEngine, adapters: AdapterRegistry, owns_engine: bool, poll_seconds: float
+) -> None:
     """Start the engine (vLLM takes ~40 s on CPU: the port is open meanwhile and
-    /healthz says "starting"), then load the adapter the database calls active."""
-    try:
-        if owns_engine:
+    /healthz says "starting"), then keep it on the adapter the database calls
+    active for as long as the server runs."""
+    if owns_engine:
+        try:
             await engine.start()
-        await adapters.sync_with_db()
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("engine start-up failed; /healthz reports it and requests get 503")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("engine start-up failed; /healthz reports it and requests get 503")
+            return
+    await watch_active_adapter(adapters, poll_seconds)

@@ -91,6 +91,119 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> None:
         print(f"revoked key {row.id} ({row.name})")
 
 
+def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
+    """One full cycle now, in the foreground; prints progress and the decision."""
+    import time
+
+    from server.models import TrainingRun
+    from server.retraining import CycleBusy, start_cycle
+
+    db = _db(settings)
+    try:
+        started = start_cycle(settings, db, "manual")
+    except CycleBusy as busy:
+        raise CliError(f"{busy}; try again when it has finished") from busy
+    print(f"run {started.run_id} started (log: {started.log_path})", flush=True)
+    shown = None
+    while True:
+        with Session(db) as session:
+            run = session.get(TrainingRun, started.run_id)
+        line = _progress_line(run)
+        if line != shown and sys.stdout.isatty():
+            print("\r" + line.ljust(60), end="", flush=True)
+        elif line != shown:
+            print(line, flush=True)
+        shown = line
+        if run.status not in ("queued", "running") and started.process.poll() is not None:
+            break
+        time.sleep(1)
+    print()
+    print(_decision_text(run))
+    if run.status == "failed":
+        raise CliError(f"run {run.id} failed: {(run.error or '').splitlines()[0] if run.error else ''}")
+
+
+def _progress_line(run) -> str:
+    progress = run.progress or {}
+    phase = progress.get("phase", run.status)
+    step, total = progress.get("step"), progress.get("total")
+    if step is not None and total:
+        filled = int(20 * step / total)
+        return f"{phase} [{'#' * filled}{'.' * (20 - filled)}] {step}/{total}"
+    return phase
+
+
+def _decision_text(run) -> str:
+    metrics = run.metrics or {}
+    pairs = metrics.get("pairs", {})
+    lines = [f"run {run.id}: {run.status.upper()}"]
+    if pairs:
+        lines.append(f"  pairs: {pairs.get('new', 0)} new, {pairs.get('replay', 0)} replayed, {pairs.get('eval', 0)} held out")
+    decision = metrics.get("decision")
+    if decision:
+        for name, value in decision.get("numbers", {}).items():
+            lines.append(f"  {name}: {value}")
+        for reason in decision.get("reasons", []):
+            lines.append(f"  - {reason}")
+    if run.adapter_version:
+        lines.append(f"  candidate: v{run.adapter_version}")
+    if metrics.get("reason"):
+        lines.append(f"  {metrics['reason']}")
+    return "\n".join(lines)
+
+
+def cmd_adapters_list(args: argparse.Namespace, settings: Settings) -> None:
+    from server.adapter_versions import list_versions
+
+    with Session(_db(settings)) as session:
+        rows = list_versions(session)
+    if not rows:
+        print("no adapter versions yet: the base model serves. Run `tuneloop retrain`.")
+        return
+    print(f"{'version':<8} {'status':<12} {'parent':<7} {'run':>4}  {'accuracy':>8} {'margin':>8}  created")
+    for row in rows:
+        candidate = (row.metrics or {}).get("candidate", {})
+        accuracy = candidate.get("preference_accuracy")
+        margin = candidate.get("mean_margin")
+        print(
+            f"{row.name:<8} {row.status:<12} {('v%d' % row.parent_version) if row.parent_version else '-':<7} "
+            f"{row.training_run_id or '-':>4}  {_num(accuracy):>8} {_num(margin):>8}  {row.created_at:%Y-%m-%d %H:%M}"
+        )
+
+
+def _num(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def _change_active(settings: Settings, change) -> None:
+    from server.adapter_versions import AdapterError
+    from server.db import session_scope
+
+    try:
+        with session_scope(_db(settings)) as session:
+            row = change(session)
+            name = row.name if row else "the base model"
+    except AdapterError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"active: {name} (running servers swap to it within a few seconds)")
+
+
+def cmd_adapters_activate(args: argparse.Namespace, settings: Settings) -> None:
+    from server.adapter_versions import AdapterError, activate, parse_version
+
+    try:
+        version = None if args.version.lower() == "base" else parse_version(args.version)
+    except AdapterError as exc:
+        raise CliError(str(exc)) from exc
+    _change_active(settings, lambda session: activate(session, version))
+
+
+def cmd_adapters_rollback(args: argparse.Namespace, settings: Settings) -> None:
+    from server.adapter_versions import rollback
+
+    _change_active(settings, rollback)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tuneloop", description="A chat app that learns from its users' feedback."
@@ -108,6 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser("upgrade", help="apply Alembic migrations up to head").set_defaults(
         handler=cmd_db_upgrade
     )
+
+    commands.add_parser(
+        "retrain", help="run one retraining cycle now and print the decision"
+    ).set_defaults(handler=cmd_retrain)
+
+    adapters = commands.add_parser("adapters", help="adapter versions: list, activate, rollback")
+    adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
+    adapter_commands.add_parser("list", help="every version with its status and numbers").set_defaults(
+        handler=cmd_adapters_list
+    )
+    activate_cmd = adapter_commands.add_parser("activate", help="serve version V (e.g. v3, or base)")
+    activate_cmd.add_argument("version", help="v3, 3, or base")
+    activate_cmd.set_defaults(handler=cmd_adapters_activate)
+    adapter_commands.add_parser(
+        "rollback", help="go back to the version active before the current one"
+    ).set_defaults(handler=cmd_adapters_rollback)
 
     keys = commands.add_parser("keys", help="API keys for the OpenAI-compatible and feedback APIs")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")

@@ -78,6 +78,7 @@ class Message(SQLModel, table=True):
     parent_id: int | None = Field(default=None, foreign_key="messages.id", index=True)
     role: str = Field(max_length=16, description="system | user | assistant")
     content: str = Field(default="", sa_column=Column(Text, nullable=False))
+    excluded_from_training: bool = Field(default=False, description="set by an admin")
     status: str = Field(
         default="complete",
         max_length=16,
@@ -140,7 +141,7 @@ class AdapterVersion(SQLModel, table=True):
     status: str = Field(
         default="candidate",
         max_length=16,
-        description="candidate | active | retired | rejected | failed",
+        description="candidate | active | retired | rolled_back | rejected | failed",
     )
     parent_version: int | None = Field(default=None, description="adapter it continued")
     training_run_id: int | None = Field(default=None, foreign_key="training_runs.id")
@@ -167,6 +168,8 @@ class TrainingRun(SQLModel, table=True):
     )
     trigger: str = Field(default="manual", max_length=16, description="schedule | manual | api")
     pid: int | None = None
+    adapter_version: int | None = Field(default=None, description="candidate it produced")
+    parent_version: int | None = Field(default=None, description="adapter it continued")
     progress: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
@@ -174,3 +177,50 @@ class TrainingRun(SQLModel, table=True):
     started_at: datetime | None = _timestamp(nullable=True)
     heartbeat_at: datetime | None = _timestamp(nullable=True)
     finished_at: datetime | None = _timestamp(nullable=True)
+
+
+class PreferencePair(SQLModel, table=True):
+    """One chosen/rejected pair for training, built from feedback or imported.
+
+    ``content_hash`` (prompt + chosen + rejected) deduplicates; the same hash
+    decides the split, so a pair never moves between train and eval.
+    """
+
+    __tablename__ = "preference_pairs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    prompt: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    chosen: str = Field(sa_column=Column(Text, nullable=False))
+    rejected: str = Field(sa_column=Column(Text, nullable=False))
+    source: str = Field(max_length=16, description="comparison | thumbs | import")
+    split: str = Field(max_length=8, index=True, description="train | eval")
+    content_hash: str = Field(max_length=64, unique=True)
+    user_id: int | None = Field(default=None, foreign_key="users.id", index=True)
+    chosen_message_id: int | None = Field(default=None, foreign_key="messages.id")
+    rejected_message_id: int | None = Field(default=None, foreign_key="messages.id")
+    comparison_id: int | None = Field(default=None, foreign_key="comparisons.id")
+    chosen_feedback_id: int | None = Field(default=None, foreign_key="feedback.id")
+    rejected_feedback_id: int | None = Field(default=None, foreign_key="feedback.id")
+    created_at: datetime = _timestamp(index=True)
+
+
+class TrainingRunPair(SQLModel, table=True):
+    """Which pairs a run trained on (``new`` or ``replay``) or evaluated (``eval``):
+    the lineage from an adapter version back to the feedback rows."""
+
+    __tablename__ = "training_run_pairs"
+
+    run_id: int = Field(foreign_key="training_runs.id", primary_key=True)
+    pair_id: int = Field(foreign_key="preference_pairs.id", primary_key=True, index=True)
+    role: str = Field(max_length=8, description="new | replay | eval")
+
+
+class Lease(SQLModel, table=True):
+    """A named lock shared by every process that uses the database (one
+    retraining cycle at a time, one scheduler per deployment)."""
+
+    __tablename__ = "leases"
+
+    name: str = Field(primary_key=True, max_length=64)
+    holder: str | None = Field(default=None, max_length=200)
+    expires_at: datetime | None = _timestamp(nullable=True)

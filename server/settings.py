@@ -79,6 +79,40 @@ class Settings(BaseSettings):
         "`all` means every core of this machine."
     )
 
+    # --- retraining ---------------------------------------------------------
+    eval_share: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of pairs held out for the evaluation gate."
+    )
+    max_pairs_per_user: int = Field(
+        50, ge=1, description="Most new pairs one user contributes to a run."
+    )
+    replay_fraction: float = Field(
+        0.5, ge=0.0, lt=1.0,
+        description="Share of a run's training set replayed from pairs earlier adapters learned.",
+    )
+    train_epochs: float = Field(2.0, gt=0, description="ORPO epochs over a run's training set.")
+    train_max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: epochs).")
+    train_learning_rate: float = Field(1e-4, gt=0, description="ORPO learning rate.")
+    train_batch_size: int = Field(4, ge=1, description="Pairs per optimiser step.")
+    train_qlora: bool = Field(
+        False, description="QLoRA on GPU: 4-bit nf4 base, double quantisation, paged 8-bit AdamW."
+    )
+    gate_min_accuracy_gain: float = Field(
+        0.0, description="Preference accuracy the candidate must gain over the active adapter."
+    )
+    gate_sanity_tolerance: float = Field(
+        0.05, ge=0.0, description="Relative sanity-set NLL increase the gate tolerates."
+    )
+    run_timeout_minutes: int = Field(
+        120, ge=1, description="A training run still going after this long is killed and failed."
+    )
+    adapter_poll_seconds: float = Field(
+        1.0, gt=0, description="How often each server checks the database for a new active adapter."
+    )
+    scheduler: bool = Field(
+        True, description="Run the retraining scheduler in this server (one per deployment)."
+    )
+
     @model_validator(mode="after")
     def _refuse_unsafe_secrets_outside_development(self) -> Settings:
         if self.env != "development":

@@ -1,0 +1,166 @@
+"""Training configuration: one dataclass, help text per field.
+
+Defaults that differ from TRL's ``ORPOConfig`` on purpose:
+
+- ``learning_rate`` 1e-4 instead of 1e-6: TRL's default is for full
+  fine-tuning; a LoRA adapter continued on a handful of nightly pairs (a few
+  optimizer steps) barely moves at 1e-6. 1e-4 is the usual LoRA rate and still
+  lets the gate catch a run that drifts.
+- ``max_length`` 512 instead of 1024: chat turns collected here are short, and
+  on CPU every padded token costs time.
+- ``gradient_checkpointing`` is decided by the trainer (on for GPU, off for
+  CPU, where memory is plentiful and recomputation only costs time).
+- ``bf16`` is off on CPU (emulated there, many times slower); on GPU it is on.
+
+Example::
+
+    >>> config = TrainConfig(epochs=1)
+    >>> TrainConfig.from_json(config.to_json()) == config
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+MAX_LORA_RANK = 16
+
+
+@dataclass
+class TrainConfig:
+    lora_r: int = field(
+        default=8,
+        metadata={
+            "help": "LoRA rank for a new adapter (continued adapters keep their parent's rank). At most 16, and "
+            "the serving engine's max_lora_rank must be at least this."
+        },
+    )
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input during training."})
+    target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "PEFT target modules for a new adapter: 'all-linear' (every linear projection, never lm_head) "
+            "or a comma-separated list of module names such as 'q_proj,v_proj'."
+        },
+    )
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={
+            "help": "Peak AdamW learning rate (linear decay). 1e-4 suits LoRA on a few small nightly batches; "
+            "TRL's 1e-6 default is meant for full fine-tuning and leaves a LoRA adapter almost unchanged."
+        },
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "ORPO lambda: weight of the odds-ratio term against the NLL of the chosen answer."},
+    )
+    epochs: int = field(default=2, metadata={"help": "Passes over the training pairs (ignored when max_steps > 0)."})
+    batch_size: int = field(default=4, metadata={"help": "Pairs per device per optimizer micro-step."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-steps accumulated into one optimizer step."})
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Maximum tokens of prompt + answer; longer answers are cut at the end."},
+    )
+    max_prompt_length: int = field(
+        default=384,
+        metadata={
+            "help": "Maximum tokens of the chat-templated prompt; older turns are dropped first, then the start "
+            "of the last user message is cut. Must be below max_length."
+        },
+    )
+    max_steps: int = field(
+        default=-1,
+        metadata={"help": "Optimizer steps to run; -1 means run `epochs` full passes."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for LoRA initialisation and data order."})
+    qlora: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the base model in 4-bit nf4 with double quantisation and train with paged_adamw_8bit "
+            "(bitsandbytes). GPU only; refused on CPU."
+        },
+    )
+    replay_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of the training set made of older, already-trained pairs replayed next to the new "
+            "ones, against forgetting (0 = new pairs only)."
+        },
+    )
+    gate_min_accuracy_gain: float = field(
+        default=0.0,
+        metadata={
+            "help": "The candidate's held-out preference accuracy must be at least the active adapter's plus this."
+        },
+    )
+    gate_sanity_nll_tolerance: float = field(
+        default=0.05,
+        metadata={
+            "help": "Relative worsening of the sanity-set NLL the gate tolerates (0.05 = candidate may be up to 5% "
+            "worse than the active adapter)."
+        },
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass during evaluation."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.lora_r <= MAX_LORA_RANK:
+            problems.append(f"lora_r must be between 1 and {MAX_LORA_RANK}, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            problems.append(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.target_modules.strip():
+            problems.append("target_modules must not be empty (use 'all-linear')")
+        if self.learning_rate <= 0:
+            problems.append(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.beta < 0:
+            problems.append(f"beta must not be negative, got {self.beta}")
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "max_length", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_prompt_length >= self.max_length:
+            problems.append(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length}) "
+                "to leave room for the answer"
+            )
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"max_steps must be -1 (use epochs) or positive, got {self.max_steps}")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            problems.append(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        if self.gate_sanity_nll_tolerance < 0:
+            problems.append(f"gate_sanity_nll_tolerance must not be negative, got {self.gate_sanity_nll_tolerance}")
+        if problems:
+            raise ValueError("invalid training configuration: " + "; ".join(problems))
+
+    def lora_target_modules(self) -> str | list[str]:
+        """``target_modules`` in the form ``peft.LoraConfig`` takes."""
+        value = self.target_modules.strip()
+        if value == "all-linear":
+            return value
+        return [name.strip() for name in value.split(",") if name.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict; missing fields take their defaults, unknown ones raise ``ValueError``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known settings are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError("a training configuration must be a JSON object")
+        return cls.from_dict(values)

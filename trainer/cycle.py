@@ -1,0 +1,256 @@
+"""One retraining cycle, run in its own process (``python -m trainer run``):
+
+    build pairs -> select new + replay + eval -> ORPO on the active adapter
+    -> candidate ``adapters/vN`` -> evaluate candidate and active -> gate
+    -> promote (flip the active version in the database) or reject.
+
+The caller has already created the ``TrainingRun`` row and taken the
+``retrain`` lease for it (``server.retraining.start_cycle``). While this runs, a
+heartbeat renews the lease and the run's ``heartbeat_at``; if the process is
+killed, both go stale and the run is marked failed by whoever looks next.
+Serving is never touched from here: servers notice a new active version in
+the database and swap it in themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from server import leases
+from server.adapter_versions import activate, active_version, next_version_number
+from server.db import make_engine, session_scope
+from server.models import AdapterVersion, TrainingRun, TrainingRunPair, utcnow
+from server.settings import Settings
+from trainer.pairs import build_pairs
+from trainer.selection import RunSelection, select_for_run
+
+log = logging.getLogger("tuneloop.trainer")
+
+LEASE_TTL_S = 60.0
+HEARTBEAT_S = 10.0
+
+
+def lease_holder(run_id: int) -> str:
+    return f"run:{run_id}"
+
+
+class Heartbeat:
+    """Renews the retrain lease and the run's heartbeat from a thread, so a long
+    training step never lets them expire while the process is alive."""
+
+    def __init__(self, db: Engine, run_id: int) -> None:
+        self.db = db
+        self.run_id = run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def beat(self) -> None:
+        with session_scope(self.db) as session:
+            leases.renew(session, leases.RETRAIN, lease_holder(self.run_id), LEASE_TTL_S)
+            run = session.get(TrainingRun, self.run_id)
+            if run is not None:
+                run.heartbeat_at = utcnow()
+                session.add(run)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.beat()
+            except Exception:  # a busy database must not kill the training
+                log.exception("heartbeat failed; retrying")
+
+
+def train_config_from(settings: Settings):
+    from trainer.config import TrainConfig
+
+    return TrainConfig(
+        epochs=settings.train_epochs,
+        max_steps=settings.train_max_steps,
+        learning_rate=settings.train_learning_rate,
+        batch_size=settings.train_batch_size,
+        qlora=settings.train_qlora,
+        replay_fraction=settings.replay_fraction,
+        gate_min_accuracy_gain=settings.gate_min_accuracy_gain,
+        gate_sanity_nll_tolerance=settings.gate_sanity_tolerance,
+    )
+
+
+def _update_run(db: Engine, run_id: int, **fields: Any) -> None:
+    with session_scope(db) as session:
+        run = session.get(TrainingRun, run_id)
+        for key, value in fields.items():
+            setattr(run, key, value)
+        session.add(run)
+
+
+def _as_training_pairs(rows) -> list:
+    from trainer.pairs_format import Pair
+
+    return [Pair(prompt=r.prompt, chosen=r.chosen, rejected=r.rejected, pair_id=r.id) for r in rows]
+
+
+def _record_selection(session: Session, run_id: int, selection: RunSelection) -> None:
+    for role, rows in (("new", selection.new), ("replay", selection.replay), ("eval", selection.eval)):
+        for pair in rows:
+            session.add(TrainingRunPair(run_id=run_id, pair_id=pair.id, role=role))
+
+
+def run_cycle(settings: Settings, run_id: int) -> str:
+    """Run cycle ``run_id`` to its end; return the run's final status
+    (``promoted``, ``rejected``, ``skipped``). Raises after marking the run
+    ``failed`` if anything goes wrong."""
+    db = make_engine(settings.resolved_database_url)
+    try:
+        with Heartbeat(db, run_id):
+            return _run(settings, db, run_id)
+    except BaseException as exc:
+        _update_run(
+            db, run_id, status="failed", finished_at=utcnow(),
+            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}",
+        )
+        raise
+    finally:
+        with session_scope(db) as session:
+            leases.release(session, leases.RETRAIN, lease_holder(run_id))
+        db.dispose()
+
+
+def _run(settings: Settings, db: Engine, run_id: int) -> str:
+    _update_run(
+        db, run_id, status="running", pid=os.getpid(), started_at=utcnow(),
+        progress={"phase": "building pairs"},
+    )
+    with session_scope(db) as session:
+        report = build_pairs(session, settings.eval_share)
+    with session_scope(db) as session:
+        selection = select_for_run(
+            session, settings.max_pairs_per_user, settings.replay_fraction, seed=run_id
+        )
+        active = active_version(session)
+        parent = (active.version, active.path) if active else (None, None)
+        pairs_info = {
+            "built": report.to_json(), "new": len(selection.new), "replay": len(selection.replay),
+            "eval": len(selection.eval), "capped_by_user_limit": selection.capped,
+        }
+        if not selection.new:
+            run = session.get(TrainingRun, run_id)
+            run.status, run.finished_at = "skipped", utcnow()
+            run.metrics = {"pairs": pairs_info, "reason": "no new pairs since the last promoted run"}
+            run.progress = {"phase": "done"}
+            session.add(run)
+            return "skipped"
+        _record_selection(session, run_id, selection)
+        version = next_version_number(session)
+        train_pairs = _as_training_pairs(selection.new + selection.replay)
+        eval_pairs = _as_training_pairs(selection.eval)
+        run = session.get(TrainingRun, run_id)
+        run.parent_version = parent[0]
+        run.metrics = {"pairs": pairs_info, "steps": []}
+        session.add(run)
+
+    out_dir = (settings.adapters_dir / f"v{version}").resolve()
+    config = train_config_from(settings)
+    result = _train(settings, db, run_id, parent[1], train_pairs, out_dir, config)
+
+    with session_scope(db) as session:
+        session.add(
+            AdapterVersion(
+                version=version, path=str(out_dir), status="candidate",
+                parent_version=parent[0], training_run_id=run_id,
+            )
+        )
+        run = session.get(TrainingRun, run_id)
+        run.adapter_version = version
+        run.progress = {"phase": "evaluating"}
+        session.add(run)
+
+    decision, candidate_metrics, active_metrics = _evaluate(settings, parent[1], out_dir, eval_pairs, config)
+
+    with session_scope(db) as session:
+        row = session.get(AdapterVersion, _version_id(session, version))
+        row.metrics = {
+            "candidate": candidate_metrics, "active": active_metrics,
+            "compared_with": f"v{parent[0]}" if parent[0] else "base",
+            "decision": decision,
+        }
+        run = session.get(TrainingRun, run_id)
+        serving_now = active_version(session)
+        if decision["promote"] and (serving_now.version if serving_now else None) != parent[0]:
+            # someone activated or rolled back meanwhile: their decision stands
+            decision["promote"] = False
+            decision["reasons"].append("the active adapter changed during the run; not overriding it")
+        if decision["promote"]:
+            activate(session, version)
+            run.status = "promoted"
+        else:
+            row.status = "rejected"
+            run.status = "rejected"
+        session.add(row)
+        run.finished_at = utcnow()
+        run.progress = {"phase": "done"}
+        run.metrics = {
+            **(run.metrics or {}), "train": result, "decision": decision,
+            "candidate": candidate_metrics, "active": active_metrics,
+        }
+        session.add(run)
+        return run.status
+
+
+def _version_id(session: Session, version: int) -> int:
+    from sqlmodel import select
+
+    return session.exec(select(AdapterVersion.id).where(AdapterVersion.version == version)).one()
+
+
+def _train(settings, db, run_id, parent_path, pairs, out_dir: Path, config) -> dict[str, Any]:
+    from trainer.orpo import train_adapter
+
+    steps: list[dict[str, Any]] = []
+
+    def on_step(metrics: dict[str, Any]) -> None:
+        steps.append(metrics)
+        with session_scope(db) as session:
+            run = session.get(TrainingRun, run_id)
+            run.progress = {
+                "phase": "training", "step": metrics.get("step"), "total": metrics.get("total_steps"),
+            }
+            run.metrics = {**(run.metrics or {}), "steps": list(steps)}
+            session.add(run)
+
+    _update_run(db, run_id, progress={"phase": "training", "step": 0})
+    result = train_adapter(settings.model, parent_path, pairs, out_dir, config, on_step=on_step)
+    summary = asdict(result)
+    summary.pop("step_metrics", None)
+    return summary
+
+
+def _evaluate(settings, active_path, candidate_path, eval_pairs, config):
+    from trainer.evaluate import evaluate_model, gate, load_sanity_set
+
+    sanity = load_sanity_set()
+    candidate = evaluate_model(settings.model, str(candidate_path), eval_pairs, sanity)
+    active = evaluate_model(settings.model, active_path, eval_pairs, sanity)
+    decision = gate(candidate, active, config)
+    return (
+        {"promote": decision.promote, "reasons": list(decision.reasons), "numbers": decision.numbers},
+        asdict(candidate),
+        asdict(active),
+    )

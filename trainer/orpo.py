@@ -1,0 +1,340 @@
+"""Incremental ORPO training of a LoRA adapter (TRL + PEFT).
+
+One call trains one candidate adapter: a fresh LoRA on the base model, or a
+continuation of the parent adapter, on the given preference pairs, and saves
+only the adapter into a new, immutable folder that vLLM can load as a
+``LoRARequest``. torch, transformers, trl and peft are imported inside the
+functions so that importing this module stays cheap.
+
+Prompts and answers are rendered with the model's chat template here, the way
+the serving engine renders them (answer = text + end-of-turn token), rather
+than handed to TRL as messages: TRL's conversational path keeps the template's
+newline after the end-of-turn token and then appends a second end-of-turn
+token, training the model on text it never generates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from trainer.config import MAX_LORA_RANK, TrainConfig
+from trainer.pairs_format import Pair, render_answer, render_prompt
+
+TRAINING_RECORD = "training.json"
+
+
+@dataclass
+class TrainResult:
+    """What one training run did.
+
+    ``pairs`` is the number of distinct pairs given; ``pairs_per_second`` counts
+    every pass over a pair (pairs x epochs) per second of the training loop.
+    ``train_tokens`` counts the non-padding tokens fed to the model: prompt +
+    chosen answer and prompt + rejected answer for every pair pass (ORPO runs
+    the prompt once with each answer). ``seconds`` is the training loop only,
+    without model loading or saving.
+    """
+
+    steps: int
+    seconds: float
+    train_tokens: int
+    pairs: int
+    step_metrics: list[dict[str, Any]] = field(default_factory=list)
+    pairs_per_second: float = 0.0
+    tokens_per_second: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_adapter(
+    base_model: str,
+    parent_adapter: str | None,
+    pairs: list[Pair],
+    out_dir: Path,
+    config: TrainConfig,
+    on_step: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train a candidate adapter with ORPO and save it into ``out_dir``.
+
+    ``base_model`` is a local Hugging Face model folder (or hub id where a hub
+    is reachable). With ``parent_adapter`` None a fresh LoRA is created
+    (``config.lora_r``/``lora_alpha`` on ``config.target_modules``); otherwise
+    the parent adapter folder is loaded trainable and training continues from
+    it (keeping the parent's rank and target modules).
+
+    ``on_step`` is called after every optimizer step with TRL's log dict
+    (``loss``, ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``,
+    ``rewards/accuracies``, ``rewards/margins``, ``rewards/chosen``,
+    ``rewards/rejected``, ``logps/chosen``, ``logps/rejected``,
+    ``grad_norm``, ``learning_rate``, ``epoch``, ...) plus ``step`` and
+    ``total_steps``. An exception raised by ``on_step`` aborts training and
+    nothing is saved.
+
+    ``out_dir`` receives the PEFT adapter (``adapter_config.json``,
+    ``adapter_model.safetensors``) and ``training.json`` (config + result). It
+    is written beside itself under a temporary name and renamed into place
+    when complete.
+
+    Raises ``FileExistsError`` if ``out_dir`` exists (adapter folders are
+    immutable), ``ValueError`` for no pairs or QLoRA without a GPU, and
+    ``RuntimeError`` if the saved adapter is something vLLM cannot serve.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"adapter folder {out_dir} already exists; adapter folders are immutable, pick a new one")
+    if not pairs:
+        raise ValueError("no preference pairs to train on")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+    from transformers import AutoTokenizer
+
+    use_gpu = _use_gpu(config)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    dataset = build_dataset(pairs, tokenizer, config)
+    model = build_model(base_model, parent_adapter, config, use_gpu)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        result = train(model, tokenizer, dataset, config, use_gpu, staging / "_trainer", on_step)
+        shutil.rmtree(staging / "_trainer", ignore_errors=True)
+        save_adapter(model, staging)
+        lora = check_adapter(staging)
+        record = {
+            "base_model": base_model,
+            "parent_adapter": parent_adapter,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": "cuda" if use_gpu else "cpu",
+            "lora": lora,
+            "config": config.to_dict(),
+            "result": result.to_dict(),
+            "versions": _versions(),
+        }
+        (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2, default=str))
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result
+
+
+def build_dataset(pairs: list[Pair], tokenizer: Any, config: TrainConfig) -> Any:
+    """A ``datasets.Dataset`` of chat-templated ``prompt``/``chosen``/``rejected`` strings."""
+    from datasets import Dataset
+
+    rows = [
+        {
+            "prompt": render_prompt(tokenizer, pair.prompt, config.max_prompt_length),
+            "chosen": render_answer(tokenizer, pair.chosen),
+            "rejected": render_answer(tokenizer, pair.rejected),
+        }
+        for pair in pairs
+    ]
+    return Dataset.from_list(rows)
+
+
+def build_model(base_model: str, parent_adapter: str | None, config: TrainConfig, use_gpu: bool) -> Any:
+    """The trainable PEFT model: a fresh LoRA, or the parent adapter loaded trainable."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, set_seed
+
+    set_seed(config.seed)
+    if config.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        base = AutoModelForCausalLM.from_pretrained(
+            base_model,
+            quantization_config=quantization,
+            dtype=torch.bfloat16,
+            device_map={"": torch.cuda.current_device()},
+        )
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.bfloat16 if use_gpu else torch.float32)
+
+    if parent_adapter is None:
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules(),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, lora)
+    else:
+        if not Path(parent_adapter, "adapter_config.json").is_file():
+            raise FileNotFoundError(f"parent adapter {parent_adapter} has no adapter_config.json")
+        model = PeftModel.from_pretrained(base, parent_adapter, is_trainable=True)
+
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RuntimeError("the adapter has no trainable parameters; training would change nothing")
+    return model
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    config: TrainConfig,
+    use_gpu: bool,
+    scratch_dir: Path,
+    on_step: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Run TRL's ORPO trainer on ``model`` in place and report what it did."""
+    from transformers import TrainerCallback
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    args = ORPOConfig(
+        output_dir=str(scratch_dir),
+        learning_rate=config.learning_rate,
+        beta=config.beta,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length,
+        seed=config.seed,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        # TRL's disable_dropout would also zero the LoRA dropout the config asks for.
+        disable_dropout=config.lora_dropout == 0.0,
+        optim="paged_adamw_8bit" if config.qlora else "adamw_torch",
+        bf16=use_gpu,
+        fp16=False,
+        use_cpu=not use_gpu,
+        gradient_checkpointing=use_gpu,
+        logging_strategy="steps",
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=use_gpu,
+    )
+
+    step_metrics: list[dict[str, Any]] = []
+
+    class ForwardStepLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return  # the end-of-training summary, not a step
+            entry = {**logs, "step": state.global_step, "total_steps": state.max_steps}
+            step_metrics.append(entry)
+            if on_step is not None:
+                on_step(dict(entry))
+
+    class CountingORPOTrainer(ORPOTrainer):
+        seen_pairs = 0
+        seen_tokens = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.seen_pairs += int(inputs["chosen_input_ids"].shape[0])
+            self.seen_tokens += int(inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    trainer = CountingORPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[ForwardStepLogs()],
+    )
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        steps=trainer.state.global_step,
+        seconds=round(seconds, 3),
+        train_tokens=trainer.seen_tokens,
+        pairs=len(dataset),
+        step_metrics=step_metrics,
+        pairs_per_second=round(trainer.seen_pairs / seconds, 4) if seconds > 0 else 0.0,
+        tokens_per_second=round(trainer.seen_tokens / seconds, 2) if seconds > 0 else 0.0,
+    )
+
+
+def save_adapter(model: Any, directory: Path) -> None:
+    """Save only the LoRA weights and config (safetensors); no base weights, no tokenizer."""
+    model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+
+
+def check_adapter(directory: Path) -> dict[str, Any]:
+    """Refuse an adapter vLLM would reject; return its LoRA settings.
+
+    vLLM serves plain LoRA only: no DoRA, no ``modules_to_save`` (full copies
+    of e.g. ``lm_head``/``embed_tokens``), rank within ``max_lora_rank``.
+    """
+    from safetensors import safe_open
+
+    config_path = directory / "adapter_config.json"
+    weights_path = directory / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise RuntimeError(f"the saved adapter in {directory} lacks adapter_config.json or adapter_model.safetensors")
+    adapter = json.loads(config_path.read_text())
+    problems = []
+    if adapter.get("peft_type") != "LORA":
+        problems.append(f"peft_type is {adapter.get('peft_type')!r}, not 'LORA'")
+    if adapter.get("modules_to_save"):
+        problems.append(f"modules_to_save is set ({adapter['modules_to_save']})")
+    if adapter.get("use_dora"):
+        problems.append("it uses DoRA")
+    if int(adapter.get("r", 0)) > MAX_LORA_RANK:
+        problems.append(f"its rank {adapter.get('r')} is above {MAX_LORA_RANK}")
+    with safe_open(str(weights_path), framework="pt") as weights:
+        non_lora = [key for key in weights.keys() if "lora_" not in key]
+    if non_lora:
+        problems.append(f"it stores non-LoRA tensors such as {non_lora[:3]}")
+    if problems:
+        raise RuntimeError("the trained adapter cannot be served by vLLM: " + "; ".join(problems))
+    return {
+        "r": adapter.get("r"),
+        "lora_alpha": adapter.get("lora_alpha"),
+        "target_modules": adapter.get("target_modules"),
+    }
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        raise FileExistsError(f"adapter folder {out_dir} appeared while training; adapter folders are immutable")
+    os.rename(staging, out_dir)
+
+
+def _use_gpu(config: TrainConfig) -> bool:
+    import torch
+
+    use_gpu = torch.cuda.is_available()
+    if config.qlora and not use_gpu:
+        raise ValueError("qlora=True needs a CUDA GPU (bitsandbytes 4-bit); set qlora=False to train on CPU")
+    return use_gpu
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "trl", "peft"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found

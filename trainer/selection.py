@@ -1,0 +1,98 @@
+"""Which pairs a run trains on and evaluates with (``select_for_run``).
+
+- new: train-split pairs that no promoted run has trained on yet, at most
+  ``max_pairs_per_user`` from any one user (oldest first), so a single user
+  cannot steer the model;
+- replay: a random sample of pairs earlier promoted runs trained on, so the
+  adapter keeps its earlier lessons (``replay_fraction`` of the training set);
+- eval: every eval-split pair gathered so far, so a candidate cannot quietly
+  undo an earlier lesson.
+
+Pairs whose user or messages an admin excluded are left out everywhere. The
+cost of a run grows with the new pairs (replay is proportional to them), not
+with the history.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from sqlalchemy import and_, exists, or_
+from sqlalchemy.orm import aliased
+from sqlmodel import Session, col, select
+
+from server.models import Message, PreferencePair, TrainingRun, TrainingRunPair, User
+
+
+@dataclass
+class RunSelection:
+    new: list[PreferencePair]
+    replay: list[PreferencePair]
+    eval: list[PreferencePair]
+    capped: int  # new pairs left for later because of the per-user cap
+
+
+def _eligible():
+    """Filter out pairs an admin excluded (by user or by either message)."""
+    chosen, rejected = aliased(Message), aliased(Message)
+    excluded_user = exists().where(User.id == PreferencePair.user_id, User.excluded_from_training == True)  # noqa: E712
+    excluded_message = exists().where(
+        or_(
+            and_(chosen.id == PreferencePair.chosen_message_id, chosen.excluded_from_training == True),  # noqa: E712
+            and_(rejected.id == PreferencePair.rejected_message_id, rejected.excluded_from_training == True),  # noqa: E712
+        )
+    )
+    return and_(~excluded_user, ~excluded_message)
+
+
+def trained_pair_ids(session: Session) -> set[int]:
+    """Pairs some promoted run trained on (they are in the served adapter's past)."""
+    return set(
+        session.exec(
+            select(TrainingRunPair.pair_id)
+            .join(TrainingRun, TrainingRun.id == TrainingRunPair.run_id)
+            .where(TrainingRun.status == "promoted", col(TrainingRunPair.role).in_(("new", "replay")))
+        ).all()
+    )
+
+
+def count_new_pairs(session: Session) -> int:
+    trained = trained_pair_ids(session)
+    ids = session.exec(select(PreferencePair.id).where(PreferencePair.split == "train", _eligible())).all()
+    return sum(1 for i in ids if i not in trained)
+
+
+def select_for_run(
+    session: Session, max_pairs_per_user: int, replay_fraction: float, seed: int = 0
+) -> RunSelection:
+    trained = trained_pair_ids(session)
+    train_pairs = session.exec(
+        select(PreferencePair)
+        .where(PreferencePair.split == "train", _eligible())
+        .order_by(col(PreferencePair.id))
+    ).all()
+    per_user: dict[int | None, int] = defaultdict(int)
+    new, capped = [], 0
+    for pair in train_pairs:
+        if pair.id in trained:
+            continue
+        if pair.user_id is not None and per_user[pair.user_id] >= max_pairs_per_user:
+            capped += 1
+            continue
+        per_user[pair.user_id] += 1
+        new.append(pair)
+    old = [p for p in train_pairs if p.id in trained]
+    replay: list[PreferencePair] = []
+    if new and old and 0 < replay_fraction < 1:
+        wanted = round(len(new) * replay_fraction / (1 - replay_fraction))
+        replay = random.Random(seed).sample(old, min(wanted, len(old)))
+    eval_pairs = list(
+        session.exec(
+            select(PreferencePair)
+            .where(PreferencePair.split == "eval", _eligible())
+            .order_by(col(PreferencePair.id))
+        ).all()
+    )
+    return RunSelection(new=new, replay=replay, eval=eval_pairs, capped=capped)
