@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     gate_min_accuracy_gain: float = Field(
         0.0, description="Preference accuracy the candidate must gain over the active adapter."
     )
+    gate_min_margin_gain: float = Field(
+        0.0, description="Mean log-odds margin the candidate must gain over the active adapter "
+        "(strictly more than this)."
+    )
     gate_sanity_tolerance: float = Field(
         0.05, ge=0.0, description="Relative sanity-set NLL increase the gate tolerates."
     )

@@ -1,0 +1,33 @@
+"""The README documents every setting and every CLI command."""
+
+from __future__ import annotations
+
+import argparse
+
+from server.cli import build_parser
+from server.settings import Settings
+from tests.conftest import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: str = "tuneloop") -> list[str]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                nested = _commands(sub, f"{prefix} {name}")
+                found.extend(nested or [f"{prefix} {name}"])
+    return found
+
+
+def test_every_setting_is_in_the_readme():
+    missing = [f"TUNELOOP_{name.upper()}" for name in Settings.model_fields if f"`TUNELOOP_{name.upper()}`" not in README]
+    assert missing == []
+
+
+def test_every_cli_command_is_in_the_readme():
+    commands = _commands(build_parser())
+    assert "tuneloop keys create" in commands and "tuneloop adapters rollback" in commands
+    missing = [c for c in commands if f"`{c}" not in README]
+    assert missing == []
