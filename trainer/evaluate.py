@@ -1,0 +1,272 @@
+"""Evaluation of an adapter, and the gate that decides whether a candidate replaces the active one.
+
+Every score is the model's log-probability of an assistant answer given the
+chat-templated conversation before it, rendered exactly as for serving: the
+answer's tokens are its text followed by the end-of-turn token. Scores are
+length-normalised (mean per token), like ORPO's own log-probabilities, so a
+long answer is not penalised for being long.
+
+- ``preference_accuracy``: share of held-out pairs whose chosen answer has the
+  higher mean log-probability (ties count as wrong);
+- ``mean_margin``: mean of ``logp(chosen) - logp(rejected)`` (per-token means);
+- ``chosen_nll``: per-token NLL over all chosen answers' tokens;
+- ``sanity_nll``: per-token NLL over the answers of ``trainer/sanity.jsonl``,
+  short general questions (arithmetic, capitals, definitions) whose answers
+  must not get less likely as the adapter learns users' preferences.
+
+With no held-out pairs the pair metrics are ``None`` and the gate refuses to
+promote: the sanity set can only show that nothing broke, never that the
+candidate is better, and an adapter that is not shown to be better is not worth
+a swap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig
+from trainer.pairs_format import Pair, render_answer, render_prompt
+
+SANITY_SET = Path(__file__).with_name("sanity.jsonl")
+FLOAT_SLACK = 1e-9
+
+
+@dataclass
+class EvalMetrics:
+    """Scores of one model (base or base + adapter); see the module docstring."""
+
+    preference_accuracy: float | None
+    mean_margin: float | None
+    chosen_nll: float | None
+    sanity_nll: float
+    pairs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GateDecision:
+    """Whether to promote the candidate; ``reasons`` in plain words, ``numbers`` for the record."""
+
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    numbers: dict[str, float | None] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_sanity_set(path: Path = SANITY_SET) -> list[dict]:
+    """The sanity conversations: one ``{"messages": [..., {"role": "assistant", ...}]}`` per line."""
+    examples = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        example = json.loads(line)
+        messages = example.get("messages") if isinstance(example, dict) else None
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError(f"{path}:{number}: expected messages ending with an assistant answer")
+        examples.append(example)
+    return examples
+
+
+def evaluate_model(
+    base_model: str,
+    adapter: str | None,
+    eval_pairs: list[Pair],
+    sanity: list[dict],
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+) -> EvalMetrics:
+    """Score ``base_model`` (plus ``adapter``, a PEFT adapter folder, if given).
+
+    ``eval_pairs`` are held-out preference pairs (may be empty: the pair
+    metrics are then ``None``); ``sanity`` are conversations as returned by
+    ``load_sanity_set`` (must not be empty). Sequences longer than
+    ``max_length`` tokens lose old prompt turns, then the answer's end.
+    Runs under ``torch.no_grad``, float32 on CPU.
+    """
+    if not sanity:
+        raise ValueError("the sanity set is empty; the gate needs it to catch regressions")
+    model, tokenizer = load_model(base_model, adapter)
+
+    items = []
+    for pair in eval_pairs:
+        items.append((pair.prompt, pair.chosen))
+        items.append((pair.prompt, pair.rejected))
+    for example in sanity:
+        items.append((example["messages"][:-1], example["messages"][-1]["content"]))
+    scores = score_answers(model, tokenizer, items, batch_size=batch_size, max_length=max_length)
+
+    pair_scores = scores[: 2 * len(eval_pairs)]
+    chosen, rejected = pair_scores[0::2], pair_scores[1::2]
+    sanity_scores = scores[2 * len(eval_pairs) :]
+
+    if eval_pairs:
+        margins = [c[0] / c[1] - r[0] / r[1] for c, r in zip(chosen, rejected, strict=True)]
+        accuracy = sum(m > 0 for m in margins) / len(margins)
+        mean_margin = sum(margins) / len(margins)
+        chosen_nll = -sum(c[0] for c in chosen) / sum(c[1] for c in chosen)
+    else:
+        accuracy = mean_margin = chosen_nll = None
+    sanity_nll = -sum(s[0] for s in sanity_scores) / sum(s[1] for s in sanity_scores)
+    return EvalMetrics(
+        preference_accuracy=accuracy,
+        mean_margin=mean_margin,
+        chosen_nll=chosen_nll,
+        sanity_nll=sanity_nll,
+        pairs=len(eval_pairs),
+    )
+
+
+def load_model(base_model: str, adapter: str | None) -> tuple[Any, Any]:
+    """The model in eval mode (adapter merged in, if any) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    use_gpu = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.bfloat16 if use_gpu else torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not Path(adapter, "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter {adapter} has no adapter_config.json")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if use_gpu:
+        model = model.to("cuda")
+    model.eval()
+    return model, tokenizer
+
+
+def score_answers(
+    model: Any,
+    tokenizer: Any,
+    items: list[tuple[list[dict[str, str]], str]],
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+) -> list[tuple[float, int]]:
+    """For each ``(prompt messages, answer text)``: (sum of answer-token log-probs, answer token count)."""
+    import torch
+
+    encoded = [_encode(tokenizer, prompt, answer, max_length) for prompt, answer in items]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]), reverse=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(encoded[i][0]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids, answer_start = encoded[i]
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention[row, : len(ids)] = 1
+                labels[row, answer_start : len(ids)] = torch.tensor(ids[answer_start:])
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+            logits, targets = logits[:, :-1, :], labels[:, 1:].to(device)
+            mask = targets != -100
+            picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            token_logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
+            sums, counts = token_logps.sum(-1).tolist(), mask.sum(-1).tolist()
+            for row, i in enumerate(batch):
+                results[i] = (float(sums[row]), int(counts[row]))
+    return results
+
+
+def _encode(tokenizer: Any, prompt: list[dict[str, str]], answer: str, max_length: int) -> tuple[list[int], int]:
+    prompt_text = render_prompt(tokenizer, prompt, max_tokens=max(1, max_length * 3 // 4))
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(prompt_text + render_answer(tokenizer, answer), add_special_tokens=False)["input_ids"]
+    answer_start = 0
+    for a, b in zip(prompt_ids, full_ids, strict=False):
+        if a != b:
+            break
+        answer_start += 1
+    full_ids = full_ids[:max_length]
+    if answer_start >= len(full_ids):
+        raise ValueError(f"the prompt fills max_length ({max_length}) and leaves no answer to score")
+    return full_ids, answer_start
+
+
+def gate(candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig) -> GateDecision:
+    """Decide whether ``candidate`` replaces ``active`` (the adapter in service, or the bare base model).
+
+    Promote only if, on the same held-out pairs, the candidate's preference
+    accuracy is at least the active one's plus ``gate_min_accuracy_gain``, its
+    mean margin is strictly higher, and its sanity NLL is at most the active
+    one's times ``1 + gate_sanity_nll_tolerance``. With zero held-out pairs,
+    never promote. Raises ``ValueError`` if the two were scored on different
+    numbers of pairs (then they cannot be compared).
+    """
+    if candidate.pairs != active.pairs:
+        raise ValueError(
+            f"candidate was scored on {candidate.pairs} held-out pairs and the active adapter on {active.pairs}; "
+            "score both on the same pairs"
+        )
+    max_sanity = active.sanity_nll * (1 + config.gate_sanity_nll_tolerance)
+    numbers: dict[str, float | None] = {
+        "pairs": candidate.pairs,
+        "candidate_accuracy": candidate.preference_accuracy,
+        "active_accuracy": active.preference_accuracy,
+        "required_accuracy": None,
+        "candidate_margin": candidate.mean_margin,
+        "active_margin": active.mean_margin,
+        "candidate_chosen_nll": candidate.chosen_nll,
+        "active_chosen_nll": active.chosen_nll,
+        "candidate_sanity_nll": candidate.sanity_nll,
+        "active_sanity_nll": active.sanity_nll,
+        "max_sanity_nll": max_sanity,
+    }
+    failures = []
+    if candidate.pairs == 0 or candidate.preference_accuracy is None or active.preference_accuracy is None:
+        failures.append(
+            "no held-out pairs yet: without them there is no evidence the candidate answers better, "
+            "so it is not promoted"
+        )
+    else:
+        required = active.preference_accuracy + config.gate_min_accuracy_gain
+        numbers["required_accuracy"] = required
+        if candidate.preference_accuracy < required - FLOAT_SLACK:
+            failures.append(
+                f"preference accuracy on held-out pairs is {candidate.preference_accuracy:.3f}, "
+                f"below the required {required:.3f} (active {active.preference_accuracy:.3f}"
+                f" + minimum gain {config.gate_min_accuracy_gain:.3f})"
+            )
+        if candidate.mean_margin is None or active.mean_margin is None or not (
+            candidate.mean_margin > active.mean_margin
+        ):
+            failures.append(
+                f"mean chosen-vs-rejected margin did not grow ({_fmt(candidate.mean_margin)} "
+                f"vs active {_fmt(active.mean_margin)})"
+            )
+    if candidate.sanity_nll > max_sanity + FLOAT_SLACK:
+        failures.append(
+            f"general answers got worse: sanity-set NLL is {candidate.sanity_nll:.4f}, above the allowed "
+            f"{max_sanity:.4f} (active {active.sanity_nll:.4f} + {config.gate_sanity_nll_tolerance:.0%})"
+        )
+    if failures:
+        return GateDecision(promote=False, reasons=failures, numbers=numbers)
+    return GateDecision(
+        promote=True,
+        reasons=[
+            f"candidate is better on held-out pairs (accuracy {candidate.preference_accuracy:.3f} vs "
+            f"{active.preference_accuracy:.3f}, margin {candidate.mean_margin:.4f} vs {active.mean_margin:.4f}) "
+            f"and general answers held up (sanity NLL {candidate.sanity_nll:.4f} vs {active.sanity_nll:.4f})"
+        ],
+        numbers=numbers,
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
