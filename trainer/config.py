@@ -96,6 +96,13 @@ class TrainConfig:
             "help": "The candidate's held-out preference accuracy must be at least the active adapter's plus this."
         },
     )
+    gate_min_margin_gain: float = field(
+        default=0.0,
+        metadata={
+            "help": "The candidate's mean held-out margin must exceed the active adapter's by more than this "
+            "(0 = strictly higher)."
+        },
+    )
     gate_sanity_nll_tolerance: float = field(
         default=0.05,
         metadata={

@@ -89,6 +89,7 @@ def train_config_from(settings: Settings):
         qlora=settings.train_qlora,
         replay_fraction=settings.replay_fraction,
         gate_min_accuracy_gain=settings.gate_min_accuracy_gain,
+        gate_min_margin_gain=settings.gate_min_margin_gain,
         gate_sanity_nll_tolerance=settings.gate_sanity_tolerance,
     )
 

@@ -204,7 +204,7 @@ def gate(candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig) -> Ga
 
     Promote only if, on the same held-out pairs, the candidate's preference
     accuracy is at least the active one's plus ``gate_min_accuracy_gain``, its
-    mean margin is strictly higher, and its sanity NLL is at most the active
+    mean margin is higher by more than ``gate_min_margin_gain``, and its sanity NLL is at most the active
     one's times ``1 + gate_sanity_nll_tolerance``. With zero held-out pairs,
     never promote. Raises ``ValueError`` if the two were scored on different
     numbers of pairs (then they cannot be compared).
@@ -243,12 +243,14 @@ def gate(candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig) -> Ga
                 f"below the required {required:.3f} (active {active.preference_accuracy:.3f}"
                 f" + minimum gain {config.gate_min_accuracy_gain:.3f})"
             )
-        if candidate.mean_margin is None or active.mean_margin is None or not (
-            candidate.mean_margin > active.mean_margin
+        if (
+            candidate.mean_margin is None
+            or active.mean_margin is None
+            or not (candidate.mean_margin > active.mean_margin + config.gate_min_margin_gain)
         ):
             failures.append(
-                f"mean chosen-vs-rejected margin did not grow ({_fmt(candidate.mean_margin)} "
-                f"vs active {_fmt(active.mean_margin)})"
+                f"mean chosen-vs-rejected margin did not grow by more than {config.gate_min_margin_gain:g} "
+                f"({_fmt(candidate.mean_margin)} vs active {_fmt(active.mean_margin)})"
             )
     if candidate.sanity_nll > max_sanity + FLOAT_SLACK:
         failures.append(

@@ -129,17 +129,31 @@ def train_adapter(
 
 
 def build_dataset(pairs: list[Pair], tokenizer: Any, config: TrainConfig) -> Any:
-    """A ``datasets.Dataset`` of chat-templated ``prompt``/``chosen``/``rejected`` strings."""
+    """A ``datasets.Dataset`` of chat-templated ``prompt``/``chosen``/``rejected`` strings.
+
+    Raises ``ValueError`` if a prompt cannot be brought under
+    ``config.max_prompt_length`` tokens (only a system message that long can
+    cause it): TRL would otherwise train on an empty answer and the loss
+    would turn NaN.
+    """
     from datasets import Dataset
 
-    rows = [
-        {
-            "prompt": render_prompt(tokenizer, pair.prompt, config.max_prompt_length),
-            "chosen": render_answer(tokenizer, pair.chosen),
-            "rejected": render_answer(tokenizer, pair.rejected),
-        }
-        for pair in pairs
-    ]
+    rows = []
+    for pair in pairs:
+        prompt = render_prompt(tokenizer, pair.prompt, config.max_prompt_length)
+        prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if prompt_tokens > config.max_prompt_length:
+            raise ValueError(
+                f"pair {pair.pair_id}: its prompt is {prompt_tokens} tokens even after dropping old turns, above "
+                f"max_prompt_length={config.max_prompt_length}; shorten the system message or raise the limit"
+            )
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": render_answer(tokenizer, pair.chosen),
+                "rejected": render_answer(tokenizer, pair.rejected),
+            }
+        )
     return Dataset.from_list(rows)
 
 
@@ -303,7 +317,8 @@ def check_adapter(directory: Path) -> dict[str, Any]:
     if int(adapter.get("r", 0)) > MAX_LORA_RANK:
         problems.append(f"its rank {adapter.get('r')} is above {MAX_LORA_RANK}")
     with safe_open(str(weights_path), framework="pt") as weights:
-        non_lora = [key for key in weights.keys() if "lora_" not in key]
+        names = weights.keys()  # safe_open is not iterable
+    non_lora = [name for name in names if "lora_" not in name]
     if non_lora:
         problems.append(f"it stores non-LoRA tensors such as {non_lora[:3]}")
     if problems:

@@ -33,8 +33,10 @@ class Pair:
         if not self.prompt:
             raise ValueError(f"pair {self.pair_id}: the prompt has no messages")
         for message in self.prompt:
-            if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(
-                message.get("content"), str
+            if (
+                not isinstance(message, dict)
+                or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)
             ):
                 raise ValueError(
                     f"pair {self.pair_id}: every prompt message needs a role in {ROLES} and a string content, "

@@ -125,7 +125,7 @@ def test_feedback_trains_promotes_swaps_and_rolls_back(live_server):
             rolled = http.post("/api/admin/adapters/rollback", headers=ADMIN)
             assert rolled.status_code == 200 and rolled.json()["active"] is None
             wait_for(lambda: httpx.get(server.base_url + "/healthz").json()["adapter"] is None, 60, "rollback")
-            rest = list(lines)
+            rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     with Session(server.app.state.db) as session:
         streamed = session.get(Message, streaming_id)

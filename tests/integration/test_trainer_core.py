@@ -48,7 +48,7 @@ def make_pairs() -> list[Pair]:
 
 
 # A higher learning rate than the default so that four steps move the margins measurably.
-TINY = TrainConfig(max_length=128, max_prompt_length=96, batch_size=4, max_steps=4, learning_rate=5e-4)
+TINY = TrainConfig(max_length=128, max_prompt_length=96, batch_size=2, max_steps=4, learning_rate=5e-4)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def first_run(model_ready, tmp_path_factory):
 def child_run(model_ready, first_run):
     parent, _, _ = first_run
     out = parent.parent / "v2"
-    config = TrainConfig(max_length=128, max_prompt_length=96, batch_size=4, max_steps=2, learning_rate=5e-4)
+    config = TrainConfig(max_length=128, max_prompt_length=96, batch_size=2, max_steps=2, learning_rate=5e-4)
     result = train_adapter(model_ready, str(parent), make_pairs()[:4], out, config)
     return out, result
 
@@ -98,7 +98,7 @@ def test_first_adapter_is_saved_as_plain_lora(first_run):
 
     assert result.steps == 4
     assert result.pairs == 8
-    assert result.train_tokens > 8 * 2 * 20
+    assert result.train_tokens > 8 * 2 * 20  # 4 steps x 2 pairs: every pair once, prompt + answer twice
     assert result.seconds > 0 and result.pairs_per_second > 0 and result.tokens_per_second > 0
 
 
@@ -194,9 +194,7 @@ def test_long_prompts_are_cut_to_max_prompt_length(model_ready):
 
 
 def metrics(accuracy, margin, sanity, pairs=10) -> EvalMetrics:
-    return EvalMetrics(
-        preference_accuracy=accuracy, mean_margin=margin, chosen_nll=1.0, sanity_nll=sanity, pairs=pairs
-    )
+    return EvalMetrics(preference_accuracy=accuracy, mean_margin=margin, chosen_nll=1.0, sanity_nll=sanity, pairs=pairs)
 
 
 def test_gate_promotes_a_better_candidate():
