@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from server.adapters import AdapterRegistry
 from server.conversations import chat_context, thread
@@ -30,6 +32,11 @@ from server.settings import Settings
 log = logging.getLogger("tuneloop.answers")
 
 POLL_SECONDS = 0.25
+HOST = socket.gethostname()
+
+
+def process_identity() -> str:
+    return f"{HOST}:{os.getpid()}"
 
 
 class AnswerService:
@@ -76,7 +83,11 @@ class AnswerService:
             claimed = session.execute(
                 update(Message)
                 .where(Message.id == message_id, Message.status == "pending")
-                .values(status="streaming", adapter_version=adapter.name if adapter else None)
+                .values(
+                    status="streaming",
+                    adapter_version=adapter.name if adapter else None,
+                    claimed_by=process_identity(),
+                )
             ).rowcount
             if not claimed:
                 return None
@@ -175,10 +186,31 @@ class AnswerService:
         return True
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def reset_interrupted_answers(db: Engine) -> int:
-    """Answers left ``streaming`` by a server that died go back to ``pending`` so
-    the next view regenerates them (their question was accepted: don't lose it)."""
+    """Answers left ``streaming`` by a server process on this host that is gone
+    go back to ``pending``, so the next view regenerates them (their question was
+    accepted: don't lose it). Other hosts' and live processes' answers are left
+    alone: several servers may share the database."""
     with session_scope(db) as session:
-        return session.execute(
-            update(Message).where(Message.status == "streaming").values(status="pending", content="")
-        ).rowcount
+        rows = session.exec(select(Message).where(Message.status == "streaming")).all()
+        reset = 0
+        for message in rows:
+            host, _, pid = (message.claimed_by or "").rpartition(":")
+            if host == HOST and pid.isdigit() and _process_alive(int(pid)):
+                continue
+            if host and host != HOST:
+                continue
+            message.status, message.content, message.claimed_by = "pending", "", None
+            session.add(message)
+            reset += 1
+        return reset

@@ -87,6 +87,9 @@ class Message(SQLModel, table=True):
     adapter_version: str | None = Field(
         default=None, max_length=32, description="adapter that produced it; None = base model"
     )
+    claimed_by: str | None = Field(
+        default=None, max_length=200, description="host:pid of the server generating it"
+    )
     sampling: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     finish_reason: str | None = Field(default=None, max_length=32)
     prompt_tokens: int | None = None

@@ -142,8 +142,7 @@ def test_continuing_an_adapter_changes_its_weights(first_run, child_run):
 
 def test_trained_adapter_prefers_chosen_more_than_base(first_run):
     out, _, _ = first_run
-    sanity = load_sanity_set()
-    assert len(sanity) >= 20
+    sanity = load_sanity_set()[:8]
     base = evaluate_model(MODEL, None, make_pairs(), sanity)
     candidate = evaluate_model(MODEL, str(out), make_pairs(), sanity)
     for metrics in (base, candidate):
@@ -156,7 +155,13 @@ def test_trained_adapter_prefers_chosen_more_than_base(first_run):
     assert candidate.chosen_nll < base.chosen_nll
 
 
-def test_evaluation_without_pairs_scores_sanity_only(first_run):
+def test_sanity_set_is_general_chat():
+    sanity = load_sanity_set()
+    assert len(sanity) >= 20
+    assert all([m["role"] for m in example["messages"]] == ["user", "assistant"] for example in sanity)
+
+
+def test_evaluation_without_pairs_scores_sanity_only(model_ready):
     sanity = load_sanity_set()[:4]
     metrics = evaluate_model(MODEL, None, [], sanity)
     assert metrics.pairs == 0

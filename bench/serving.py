@@ -1,0 +1,307 @@
+"""tuneloop's serving overhead against the same vLLM engine called directly.
+
+One ``VllmChatEngine`` is started on a loop thread; the tuneloop app is served
+by uvicorn on that same loop (as the tests do). At each concurrency (1, 4, 16)
+the same prompts (greedy, fixed ``max_tokens``) are sent
+
+- (a) ``tuneloop``: through HTTP, ``POST /v1/chat/completions`` with
+  ``stream=true`` and an API key, from a separate client process;
+- (b) ``direct``: as coroutines calling ``VllmChatEngine.generate`` on the
+  engine's own loop, in the server process;
+
+alternating which mode goes first, repetition by repetition. Reported per
+concurrency: output tokens/s (all tokens / wall time), time to first content
+token (p50, p90), the ratio tuneloop/direct of throughput, the TTFT added by
+tuneloop, and CPU time of the server process per request (tuneloop's own work
+competes with vLLM for the same cores). Targets: >= 0.95x throughput and
+<= 10 ms added TTFT.
+
+    .venv/bin/python bench/serving.py --quick          # ~4-5 min on 2 cores
+    .venv/bin/python bench/serving.py                  # full: 128 tokens, 3 reps
+    .venv/bin/python bench/serving.py --adapter PATH   # both modes on a LoRA
+
+Prints one JSON line last on stdout; progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import (  # noqa: E402
+    ClientProcess,
+    bench_settings,
+    claim_stdout,
+    cpu_seconds,
+    log,
+    pct,
+    r,
+    start_loop_thread,
+    start_server,
+    start_vllm_engine,
+    temp_data_dir,
+)
+
+# Prompts that ask for long answers, so most requests run to max_tokens.
+PROMPTS = [
+    "Write a long, detailed essay about the history of the Roman Empire, from its founding to its fall.",
+    "Explain in great detail how a car engine works, step by step, covering every major part.",
+    "Write a long story about a dragon who learns to bake bread in a small mountain village.",
+    "Describe in detail the water cycle and its importance for life on Earth. Be thorough.",
+    "Write a detailed guide to planting and caring for a vegetable garden through all four seasons.",
+    "Explain thoroughly how computers store and process information, from transistors to programs.",
+    "Write a long letter to a friend describing a week-long trip through the mountains.",
+    "Give a detailed explanation of photosynthesis, including the light and dark reactions.",
+    "Write a long essay on the causes and consequences of the Industrial Revolution.",
+    "Describe, in as much detail as you can, a busy day in a large city hospital.",
+    "Explain in detail how the human heart and circulatory system work.",
+    "Write a long fairy tale about a lost princess, a clever fox and a magic river.",
+    "Write a detailed history of the invention of the printing press and its effects on Europe.",
+    "Explain step by step how to cook a three-course dinner for six guests, with all recipes.",
+    "Describe the solar system in detail, planet by planet, with facts about each one.",
+    "Write a long, detailed review of an imaginary science fiction film, covering plot and characters.",
+]
+
+
+def messages_for(index: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]
+
+
+def http_body(index: int, max_tokens: int) -> dict[str, Any]:
+    return {
+        "model": "tuneloop", "messages": messages_for(index), "max_tokens": max_tokens,
+        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+    }
+
+
+async def direct_round(engine, adapter, indices: list[int], max_tokens: int, concurrency: int) -> dict[str, Any]:
+    """The same requests as the HTTP round, as coroutines on the engine's loop."""
+    import asyncio
+
+    from server.engine.base import SamplingSettings
+
+    sampling = SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+    records: list[dict[str, Any] | None] = [None] * len(indices)
+    next_index = 0
+
+    async def one(index: int) -> dict[str, Any]:
+        rec: dict[str, Any] = {"ok": False, "ttft": None, "latency": None, "completion_tokens": None,
+                               "error": None, "text": ""}
+        parts: list[str] = []
+        started = time.perf_counter()
+        try:
+            request_id = f"bench-direct-{uuid.uuid4().hex[:12]}"
+            async for chunk in engine.generate(messages_for(index), sampling, request_id, adapter):
+                if chunk.text:
+                    if rec["ttft"] is None:
+                        rec["ttft"] = time.perf_counter() - started
+                    parts.append(chunk.text)
+                if chunk.finished:
+                    rec["completion_tokens"] = chunk.completion_tokens
+            rec["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - a failed request is a result
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+        rec["latency"] = time.perf_counter() - started
+        rec["text"] = "".join(parts)
+        return rec
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < len(indices):
+            i = next_index
+            next_index += 1
+            records[i] = await one(indices[i])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"records": records, "wall_s": time.perf_counter() - started}
+
+
+def mode_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    records = [rec for run in runs for rec in run["records"]]
+    ok = [rec for rec in records if rec["ok"]]
+    tokens = sum(rec["completion_tokens"] or 0 for rec in ok)
+    wall = sum(run["wall_s"] for run in runs)
+    ttfts = [rec["ttft"] * 1000 for rec in ok if rec["ttft"] is not None]
+    latencies = [rec["latency"] * 1000 for rec in ok]
+    server_cpu = sum(run["server_cpu_s"] for run in runs)
+    decode = [
+        (rec["completion_tokens"] - 1) / (rec["latency"] - rec["ttft"])
+        for rec in ok
+        if rec["ttft"] is not None and (rec["completion_tokens"] or 0) > 1 and rec["latency"] > rec["ttft"]
+    ]
+    stats = {
+        "requests": len(records),
+        "failed": len(records) - len(ok),
+        "completion_tokens": tokens,
+        "wall_s": r(wall, 2),
+        "tok_s": r(tokens / wall if wall else 0.0, 2),
+        "ttft_p50_ms": r(pct(ttfts, 50), 1),
+        "ttft_p90_ms": r(pct(ttfts, 90), 1),
+        "latency_p50_ms": r(pct(latencies, 50), 0),
+        "per_stream_decode_tok_s_p50": r(pct(decode, 50), 2),
+        "server_cpu_ms_per_request": r(1000 * server_cpu / max(1, len(records)), 1),
+    }
+    client_cpu = [run.get("client_cpu_s") for run in runs if run.get("client_cpu_s") is not None]
+    if client_cpu:
+        stats["client_cpu_ms_per_request"] = r(1000 * sum(client_cpu) / max(1, len(records)), 1)
+    errors = [rec["error"] for rec in records if not rec["ok"]]
+    if errors:
+        stats["errors"] = errors[:5]
+    return stats
+
+
+def main() -> int:
+    emit = claim_stdout()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short run (~5 min on 2 cores)")
+    parser.add_argument("--adapter", help="PEFT LoRA folder to serve in both modes (default: base model)")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (default 1,4,16)")
+    parser.add_argument("--max-tokens", type=int, help="tokens per answer (default 64 quick, 128 full)")
+    parser.add_argument("--reps", type=int, help="repetitions per level, modes alternating (default 1 quick, 3 full)")
+    parser.add_argument("--waves", type=int, default=1,
+                        help="requests per mode run = max(2, concurrency) * waves (default 1)")
+    parser.add_argument("--model", help="model folder (default: the packaged SmolLM2-135M-Instruct)")
+    args = parser.parse_args()
+    quick = args.quick
+    max_tokens = args.max_tokens or (64 if quick else 128)
+    reps = args.reps or (1 if quick else 3)
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+
+    data_dir = temp_data_dir("serving")
+    overrides: dict[str, Any] = {"max_new_tokens": max(512, max_tokens)}
+    if args.model:
+        overrides["model"] = args.model
+    settings = bench_settings(data_dir, **overrides)
+    log("data dir %s, model %s, max_tokens %d, reps %d, levels %s", data_dir, settings.model, max_tokens, reps, levels)
+
+    client = ClientProcess()
+    loop_thread = start_loop_thread()
+    engine = start_vllm_engine(settings, loop_thread)
+    server = None
+    try:
+        adapter = None
+        if args.adapter:
+            from server.db import session_scope
+            from server.models import AdapterVersion, utcnow
+
+            create_tables(settings)
+            with session_scope(make_db(settings)) as session:
+                session.add(AdapterVersion(version=1, path=str(Path(args.adapter).resolve()), status="active",
+                                           activated_at=utcnow()))
+        server = start_server(settings, loop_thread, engine)
+        headers = {"Authorization": f"Bearer {server.api_key('bench-serving')}"}
+        if args.adapter:
+            deadline = time.monotonic() + 120
+            while server.app.state.adapters.active is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the adapter did not become active within 120 s (see the log)")
+                time.sleep(0.2)
+            adapter = server.app.state.adapters.active
+            log("serving adapter %s from %s", adapter.name, adapter.path)
+
+        # Warm-up: every prompt once directly (fills the prefix cache for both
+        # modes alike), and the HTTP path (first-request costs, connections).
+        log("warm-up")
+        all_prompts = list(range(len(PROMPTS)))
+        loop_thread.run(direct_round(engine, adapter, all_prompts, 4, len(PROMPTS)), timeout=600)
+        client.call("bench._common:chat_round", timeout=600, base_url=server.base_url, headers=headers,
+                    bodies=[http_body(i, 4) for i in range(4)], concurrency=4)
+
+        results = []
+        order_flip = False
+        for concurrency in levels:
+            runs: dict[str, list[dict[str, Any]]] = {"tuneloop": [], "direct": []}
+            n = max(2, concurrency) * args.waves
+            for rep in range(reps):
+                indices = [(rep * n + i) % len(PROMPTS) for i in range(n)]
+                order = ["tuneloop", "direct"] if not order_flip else ["direct", "tuneloop"]
+                order_flip = not order_flip
+                for mode in order:
+                    cpu0 = cpu_seconds()
+                    if mode == "tuneloop":
+                        run = client.call(
+                            "bench._common:chat_round", timeout=1800, base_url=server.base_url,
+                            headers=headers, bodies=[http_body(i, max_tokens) for i in indices],
+                            concurrency=concurrency,
+                        )
+                    else:
+                        run = loop_thread.run(direct_round(engine, adapter, indices, max_tokens, concurrency),
+                                              timeout=1800)
+                    run["server_cpu_s"] = cpu_seconds() - cpu0
+                    runs[mode].append(run)
+                    toks = sum(rec["completion_tokens"] or 0 for rec in run["records"] if rec["ok"])
+                    log("c=%d rep %d %-8s %d req, %d tokens in %.1f s = %.1f tok/s", concurrency, rep, mode,
+                        len(indices), toks, run["wall_s"], toks / run["wall_s"])
+            t, d = mode_stats(runs["tuneloop"]), mode_stats(runs["direct"])
+            ratio = t["tok_s"] / d["tok_s"] if d["tok_s"] else None
+            added = (t["ttft_p50_ms"] - d["ttft_p50_ms"]) if None not in (t["ttft_p50_ms"], d["ttft_p50_ms"]) else None
+            same_text = sum(
+                1 for a, b in zip(
+                    [rec for run in runs["tuneloop"] for rec in run["records"]],
+                    [rec for run in runs["direct"] for rec in run["records"]],
+                ) if a["ok"] and b["ok"] and a["text"] == b["text"]
+            )
+            level = {
+                "concurrency": concurrency,
+                "tuneloop": t,
+                "direct": d,
+                "throughput_ratio": r(ratio, 3),
+                "added_ttft_ms": r(added, 1),
+                "identical_answers": f"{same_text}/{t['requests']}",
+                "meets_targets": bool(ratio is not None and ratio >= 0.95 and added is not None and added <= 10.0),
+            }
+            log("c=%d: throughput ratio %s, added TTFT %s ms", concurrency, level["throughput_ratio"],
+                level["added_ttft_ms"])
+            results.append(level)
+
+        failed = sum(level["tuneloop"]["failed"] + level["direct"]["failed"] for level in results)
+        emit({
+            "bench": "serving",
+            "mode": "quick" if quick else "full",
+            "model": Path(settings.model).name,
+            "adapter": adapter.name if adapter else None,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "reps": reps,
+            "levels": results,
+            "targets": {"throughput_ratio_min": 0.95, "added_ttft_ms_max": 10.0},
+            "all_targets_met": all(level["meets_targets"] for level in results),
+            "failed_requests": failed,
+            "note": "tuneloop = HTTP SSE from a separate client process; direct = VllmChatEngine.generate "
+                    "coroutines on the same engine loop; machine shared with other load, so compare "
+                    "within this run only",
+        })
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+        client.close()
+        try:
+            loop_thread.run(engine.shutdown(), timeout=120)
+        except Exception as exc:  # noqa: BLE001
+            log("engine shutdown: %s", exc)
+        loop_thread.stop()
+
+
+def make_db(settings):
+    from server.db import make_engine
+
+    return make_engine(settings.resolved_database_url)
+
+
+def create_tables(settings) -> None:
+    from server.db import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
