@@ -57,6 +57,13 @@ async def _csrf_from_request(request: Request) -> str | None:
     return None
 
 
+async def _require_csrf_on_writes(request: Request, settings: Settings, user: User) -> None:
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    if not csrf_token_valid(settings.secret_key, user.id, await _csrf_from_request(request)):
+        raise ApiError(403, "missing or wrong CSRF token; reload the page and try again")
+
+
 async def current_user(request: Request, session: SessionDep, settings: SettingsDep) -> User:
     """API identity: a bearer API key, or the browser cookie (then a CSRF token is
     required on writes, because a browser sends cookies cross-site)."""
@@ -70,9 +77,7 @@ async def current_user(request: Request, session: SessionDep, settings: Settings
     user = session.get(User, uid) if uid is not None else None
     if user is None:
         raise ApiError(401, "send `Authorization: Bearer <api key>` (create one with `tuneloop keys create NAME`)")
-    if request.method not in ("GET", "HEAD", "OPTIONS"):
-        if not csrf_token_valid(settings.secret_key, user.id, await _csrf_from_request(request)):
-            raise ApiError(403, "missing or wrong CSRF token; reload the page and try again")
+    await _require_csrf_on_writes(request, settings, user)
     return user
 
 
@@ -83,9 +88,7 @@ async def browser_user(request: Request, session: SessionDep, settings: Settings
     user = session.get(User, uid) if uid is not None else None
     if user is None:
         raise ApiError(401, "your browser identity was not recognised; enable cookies and reload")
-    if request.method not in ("GET", "HEAD", "OPTIONS"):
-        if not csrf_token_valid(settings.secret_key, user.id, await _csrf_from_request(request)):
-            raise ApiError(403, "missing or wrong CSRF token; reload the page and try again")
+    await _require_csrf_on_writes(request, settings, user)
     return user
 
 
