@@ -247,8 +247,10 @@ def _evaluate(settings, active_path, candidate_path, eval_pairs, config):
     from trainer.evaluate import evaluate_model, gate, load_sanity_set
 
     sanity = load_sanity_set()
-    candidate = evaluate_model(settings.model, str(candidate_path), eval_pairs, sanity)
-    active = evaluate_model(settings.model, active_path, eval_pairs, sanity)
+    candidate = evaluate_model(
+        settings.model, str(candidate_path), eval_pairs, sanity, batch_size=config.eval_batch_size
+    )
+    active = evaluate_model(settings.model, active_path, eval_pairs, sanity, batch_size=config.eval_batch_size)
     decision = gate(candidate, active, config)
     return (
         {"promote": decision.promote, "reasons": list(decision.reasons), "numbers": decision.numbers},
