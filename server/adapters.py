@@ -15,7 +15,8 @@ import logging
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from server.engine.base import AdapterRef, ChatEngine
+from server.adapter_files import AdapterFilesError, validate_adapter_dir
+from server.engine.base import AdapterLoadError, AdapterRef, ChatEngine
 from server.models import AdapterVersion
 
 log = logging.getLogger("tuneloop.adapters")
@@ -28,9 +29,10 @@ def adapter_ref(row: AdapterVersion) -> AdapterRef:
 class AdapterRegistry:
     """Holds the active adapter of this server process (None = base model)."""
 
-    def __init__(self, engine: ChatEngine, db: Engine) -> None:
+    def __init__(self, engine: ChatEngine, db: Engine, max_rank: int = 16) -> None:
         self.engine = engine
         self.db = db
+        self.max_rank = max_rank
         self.active: AdapterRef | None = None
         self._switch_lock = asyncio.Lock()
 
@@ -46,6 +48,10 @@ class AdapterRegistry:
         Raises AdapterLoadError (and keeps the current adapter) if it won't load."""
         async with self._switch_lock:
             if ref is not None and ref != self.active:
+                try:
+                    await asyncio.to_thread(validate_adapter_dir, ref.path, self.max_rank)
+                except AdapterFilesError as exc:
+                    raise AdapterLoadError(str(exc)) from exc
                 await self.engine.load_adapter(ref)
             previous, self.active = self.active, ref
             if previous != ref:

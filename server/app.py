@@ -37,12 +37,12 @@ def create_app(
     otherwise the app starts and stops its own in the background on start-up."""
     settings = settings or Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = make_engine(settings.resolved_database_url)
+    db = make_engine(settings.resolved_database_url, settings.db_busy_timeout_seconds)
     if migrate:
         upgrade(settings.resolved_database_url)
     owns_engine = engine is None
     chat_engine = engine or build_engine(settings)
-    adapters = AdapterRegistry(chat_engine, db)
+    adapters = AdapterRegistry(chat_engine, db, settings.max_lora_rank)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

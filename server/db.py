@@ -21,14 +21,15 @@ from alembic import command
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 
 
-def make_engine(url: str) -> Engine:
-    """Return an SQLAlchemy engine for ``url``; SQLite gets WAL, FKs and a busy timeout."""
+def make_engine(url: str, busy_timeout_s: float = 30.0) -> Engine:
+    """Return an SQLAlchemy engine for ``url``; SQLite gets WAL, FKs and a busy timeout
+    (how long a write waits for another writer before failing with "database is locked")."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}
+            url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s}
         )
 
         @event.listens_for(engine, "connect")
@@ -37,7 +38,7 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             cursor.close()
 
         return engine

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.base import EngineUnavailable
@@ -114,6 +115,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _engine_unavailable(request: Request, exc: EngineUnavailable):
         return error_response(
             request, 503, f"the model engine is not available right now ({exc}); retry shortly"
+        )
+
+    @app.exception_handler(OperationalError)
+    async def _database_unavailable(request: Request, exc: OperationalError):
+        log.warning("database error on %s %s: %s", request.method, request.url.path, exc.orig)
+        return error_response(
+            request, 503,
+            f"the database could not take the write ({exc.orig}); nothing was saved, retry shortly",
         )
 
     @app.exception_handler(Exception)

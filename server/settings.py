@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the preference store. Default: SQLite at "
         "`$TUNELOOP_DATA_DIR/tuneloop.db`. PostgreSQL: `postgresql+psycopg://user@host/db`.",
     )
+    db_busy_timeout_seconds: float = Field(
+        30.0, gt=0, description="How long a SQLite write waits for another writer before failing (503)."
+    )
     model: str = Field(
         str(DEFAULT_MODEL_DIR),
         description="Hugging Face model folder (or hub id, where a hub is reachable) served "

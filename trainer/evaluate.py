@@ -23,6 +23,7 @@ a swap.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,9 @@ def gate(candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig) -> Ga
         "max_sanity_nll": max_sanity,
     }
     failures = []
+    scores = [candidate.sanity_nll, candidate.preference_accuracy, candidate.mean_margin, candidate.chosen_nll]
+    if any(value is not None and not math.isfinite(value) for value in scores):
+        failures.append("the candidate's scores are not finite numbers (NaN or infinite weights?); it is broken")
     if candidate.pairs == 0 or candidate.preference_accuracy is None or active.preference_accuracy is None:
         failures.append(
             "no held-out pairs yet: without them there is no evidence the candidate answers better, "

@@ -253,3 +253,11 @@ def test_config_round_trips_and_refuses_bad_values():
         TrainConfig(lora_r=32)
     with pytest.raises(ValueError, match="max_prompt_length"):
         TrainConfig(max_length=128, max_prompt_length=128)
+
+
+def test_gate_rejects_a_candidate_with_nan_scores():
+    nan = float("nan")
+    candidate = EvalMetrics(preference_accuracy=1.0, mean_margin=nan, chosen_nll=nan, sanity_nll=nan, pairs=4)
+    active = EvalMetrics(preference_accuracy=0.5, mean_margin=0.1, chosen_nll=1.0, sanity_nll=1.0, pairs=4)
+    decision = gate(candidate, active, TrainConfig(gate_min_margin_gain=-1e9, gate_sanity_nll_tolerance=100))
+    assert not decision.promote and any("not finite" in r for r in decision.reasons)
