@@ -207,3 +207,35 @@ def test_scheduler_runs_only_with_enough_new_pairs(live_server):
         run = session.get(TrainingRun, run_id)
         assert run.trigger == "schedule"
         os.kill(run.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("damage", ["nan", "corrupt"])
+def test_a_damaged_adapter_is_never_served(live_server, tmp_path, damage):
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    server = live_server()
+    folder = tmp_path / "v1"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+    if damage == "nan":
+        save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                   np.full((8, 576), np.nan, dtype=np.float32)}, str(folder / "adapter_model.safetensors"))
+    else:
+        (folder / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with session_scope(server.app.state.db) as session:
+        session.add(AdapterVersion(version=1, path=str(folder), status="candidate"))
+    assert httpx.post(server.base_url + "/api/admin/adapters/v1/activate", headers=ADMIN).status_code == 200
+
+    def failed():
+        with Session(server.app.state.db) as session:
+            return session.exec(select(AdapterVersion).where(AdapterVersion.version == 1)).one().status == "failed"
+    wait_for(failed, 60, "the damaged version to be marked failed")
+    assert httpx.get(server.base_url + "/healthz").json()["adapter"] is None
+    response = answer(server, server.headers())
+    assert response.status_code == 200 and response.json()["tuneloop"]["adapter"] is None
+    again = httpx.post(server.base_url + "/api/admin/adapters/v1/activate", headers=ADMIN)
+    assert again.status_code == 409 and "failed" in again.json()["error"]["message"]
