@@ -229,8 +229,8 @@ def test_prompt_longer_than_the_context_is_a_value_error(engine: VllmChatEngine,
 
 
 def test_lora_adapters_load_and_change_the_answer(engine: VllmChatEngine, run, lora_dirs: dict[str, Path]) -> None:
-    v1 = AdapterRef("v1", 1, str(lora_dirs["v1"]))
-    v2 = AdapterRef("v2", 2, str(lora_dirs["v2"]))
+    v1 = AdapterRef("engine-test-v1", 901, str(lora_dirs["v1"]))
+    v2 = AdapterRef("engine-test-v2", 902, str(lora_dirs["v2"]))
     base = text_of(run(collect(engine, HELLO)))
     story = SamplingSettings(temperature=0.0, max_tokens=40)
     plain_story = text_of(run(collect(engine, STORY, story)))
@@ -276,10 +276,10 @@ def test_lora_adapters_load_and_change_the_answer(engine: VllmChatEngine, run, l
 def test_an_adapter_id_cannot_be_reused_for_another_version(
     engine: VllmChatEngine, run, lora_dirs: dict[str, Path]
 ) -> None:
-    run(engine.load_adapter(AdapterRef("v1", 1, str(lora_dirs["v1"]))))
+    run(engine.load_adapter(AdapterRef("engine-test-v1", 901, str(lora_dirs["v1"]))))
 
     with pytest.raises(AdapterLoadError, match="own id"):
-        run(engine.load_adapter(AdapterRef("v9", 1, str(lora_dirs["v2"]))))
+        run(engine.load_adapter(AdapterRef("engine-test-v9", 901, str(lora_dirs["v2"]))))
 
 
 def test_unusable_adapters_raise_and_the_engine_keeps_serving(
@@ -312,7 +312,7 @@ def test_unusable_adapters_raise_and_the_engine_keeps_serving(
 def test_a_dead_engine_answers_unavailable_then_restarts_itself(
     engine: VllmChatEngine, run, lora_dirs: dict[str, Path]
 ) -> None:
-    v1 = AdapterRef("v1", 1, str(lora_dirs["v1"]))
+    v1 = AdapterRef("engine-test-v1", 901, str(lora_dirs["v1"]))
     run(engine.load_adapter(v1))
     before = text_of(run(collect(engine, HELLO, adapter=v1)))
     restarts = engine.restarts
