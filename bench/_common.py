@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import importlib
 import json
 import math
@@ -259,10 +260,8 @@ class ClientProcess:
         return self.result(timeout)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(BrokenPipeError, OSError):
             self.conn.send(None)
-        except (BrokenPipeError, OSError):
-            pass
         self.proc.join(10)
         if self.proc.is_alive():
             self.proc.terminate()

@@ -245,7 +245,7 @@ def main() -> int:
             same_text = sum(
                 1 for a, b in zip(
                     [rec for run in runs["tuneloop"] for rec in run["records"]],
-                    [rec for run in runs["direct"] for rec in run["records"]],
+                    [rec for run in runs["direct"] for rec in run["records"]], strict=True,
                 ) if a["ok"] and b["ok"] and a["text"] == b["text"]
             )
             level = {

@@ -1,7 +1,7 @@
 """Hot-swapping LoRA adapters under load.
 
 Three small LoRA versions (PEFT, r=8 on all linear layers,
-``init_lora_weights=False`` so each changes the answers) are written to the
+``init_lora_weights=False``, alpha 2r, so each changes the answers) are written to the
 app's ``data_dir/adapters/vN`` and registered as ``AdapterVersion`` rows. The
 server (real vLLM engine) then serves N streaming clients without pause while
 the admin API repeatedly activates and rolls back:
@@ -15,8 +15,9 @@ time and its one-token warm-up request, which queues behind the running load.
 
 Checked afterwards: no client request failed; every answer row is complete
 and names an adapter that was in service while its request started; and its
-text (greedy decoding) begins like the reference answer of the adapter it
-names, computed at the end directly on the engine for every (prompt, adapter).
+text (greedy decoding) agrees longest with the reference answer of the adapter
+it names (references computed at the end directly on the engine for every
+prompt and adapter; ties, where references share a prefix, are accepted).
 
     .venv/bin/python bench/swap.py --quick    # 4 clients, 2 cycles (12 swaps)
     .venv/bin/python bench/swap.py            # 8 clients, 5 cycles (30 swaps)
@@ -59,7 +60,15 @@ PROMPTS = [
 # One cycle: expected active version after each admin call.
 CYCLE = [("activate", 1, "v1"), ("activate", 2, "v2"), ("activate", 3, "v3"),
          ("rollback", None, "v2"), ("rollback", None, "v1"), ("rollback", None, None)]
-PREFIX_CHARS = 24  # answers are compared with the references on this many leading characters
+
+
+def common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def make_adapters(model_dir: str, adapters_dir: Path, versions: list[int], rank: int = 8) -> dict[int, Path]:
@@ -72,7 +81,7 @@ def make_adapters(model_dir: str, adapters_dir: Path, versions: list[int], rank:
     for version in versions:
         torch.manual_seed(1000 + version)
         base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", lora_dropout=0.0,
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0,
                             init_lora_weights=False, task_type="CAUSAL_LM")
         model = get_peft_model(base, config)
         path = adapters_dir / f"v{version}"
@@ -176,7 +185,8 @@ def main() -> int:
         load_started = time.time()
         for cycle in range(cycles):
             for action, version, expected in CYCLE:
-                path = f"/api/admin/adapters/v{version}/activate" if action == "activate" else "/api/admin/adapters/rollback"
+                path = (f"/api/admin/adapters/v{version}/activate" if action == "activate"
+                        else "/api/admin/adapters/rollback")
                 swap: dict[str, Any] = {"action": action, "expected": expected, "cycle": cycle,
                                         "called_at": time.time()}
                 t0 = time.perf_counter()
@@ -193,13 +203,11 @@ def main() -> int:
                     continue
                 deadline = time.perf_counter() + 180
                 while time.perf_counter() < deadline:
-                    before = time.time()
                     if http.get("/healthz").json()["adapter"] == expected:
                         now = time.perf_counter()
                         swap["latency_s"] = now - t_returned
                         swap["seen_at"] = time.time()
                         swap["switch_upper"] = swap["seen_at"]
-                        swap["last_miss"] = before
                         break
                     time.sleep(0.02)
                 log("swap %d: %s -> %s in %s ms (admin call %s ms)", len(swaps) + 1, action, expected,
@@ -225,8 +233,8 @@ def main() -> int:
             rows = session.exec(select(Message).where(Message.role == "assistant")).all()
         windows = served_windows(swaps, load_ended + 1)
         check = {"rows": len(rows), "not_complete": 0, "no_client_record": 0, "adapter_not_in_service": 0,
-                 "text_matches_recorded_adapter": 0, "text_matches_other_adapter_only": 0,
-                 "text_matches_no_reference": 0, "text_ambiguous_prefix": 0}
+                 "text_matches_recorded_adapter": 0, "text_matches_other_adapter": 0,
+                 "text_tied_with_other_adapter": 0}
         examples: list[str] = []
         for row in rows:
             rec = by_id.get(row.id)
@@ -241,20 +249,20 @@ def main() -> int:
             in_service = {name for (a, b, name) in windows if a <= hi and b >= lo}
             if row.adapter_version not in in_service:
                 check["adapter_not_in_service"] += 1
-                examples.append(f"message {row.id} says {row.adapter_version}, in service: {sorted(map(str, in_service))}")
-            prefix = row.content[:PREFIX_CHARS]
-            matching = {name for (i, name), text in refs.items()
-                        if i == rec["prompt_index"] and text[:PREFIX_CHARS] == prefix}
-            if len(matching) > 1:
-                check["text_ambiguous_prefix"] += 1
-            if row.adapter_version in matching:
-                check["text_matches_recorded_adapter"] += 1
-            elif matching:
-                check["text_matches_other_adapter_only"] += 1
-                examples.append(f"message {row.id} says {row.adapter_version}, text is {sorted(map(str, matching))}'s")
+                examples.append(
+                    f"message {row.id} says {row.adapter_version}, in service: {sorted(map(str, in_service))}")
+            agree = {name: common_prefix(row.content, text)
+                     for (i, name), text in refs.items() if i == rec["prompt_index"]}
+            best = max(agree.values())
+            if agree.get(row.adapter_version, -1) < best:
+                check["text_matches_other_adapter"] += 1
+                winners = sorted(str(n) for n, v in agree.items() if v == best)
+                examples.append(f"message {row.id} says {row.adapter_version}, text is {winners}'s")
+            elif sum(1 for v in agree.values() if v == best) > 1:
+                check["text_tied_with_other_adapter"] += 1
             else:
-                check["text_matches_no_reference"] += 1
-        distinct = len({text[:PREFIX_CHARS] for text in refs.values()})
+                check["text_matches_recorded_adapter"] += 1
+        distinct = len(set(refs.values()))
 
         latencies = [s["latency_s"] for s in swaps if s["latency_s"] is not None]
         failed = [rec for rec in records if not rec["ok"]]
@@ -264,7 +272,7 @@ def main() -> int:
         first = [s["latency_s"] for s in swaps if s["cycle"] == 0 and s["latency_s"] is not None]
         later = [s["latency_s"] for s in swaps if s["cycle"] > 0 and s["latency_s"] is not None]
         ok = (not failed and len(latencies) == len(swaps) and check["not_complete"] == 0
-              and check["adapter_not_in_service"] == 0 and check["text_matches_other_adapter_only"] == 0
+              and check["adapter_not_in_service"] == 0 and check["text_matches_other_adapter"] == 0
               and check["no_client_record"] == 0)
         emit({
             "bench": "swap",
@@ -280,10 +288,11 @@ def main() -> int:
             "admin_call_ms_p50": r(sorted(s["admin_call_ms"] for s in swaps)[len(swaps) // 2], 1) if swaps else None,
             "requests_completed": len(records) - len(failed),
             "failed_requests": len(failed),
+            "request_ttft_ms": summary_ms([rec["ttft"] for rec in records if rec["ok"]]),
             "load_seconds": r(load_ended - load_started, 1),
             "answers_per_adapter": per_adapter,
             "message_check": check,
-            "reference_prefixes_distinct": f"{distinct}/{len(refs)}",
+            "reference_answers_distinct": f"{distinct}/{len(refs)}",
             "ok": ok,
             "problems": (examples + [rec["error"] for rec in failed])[:10],
         })
