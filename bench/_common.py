@@ -78,6 +78,12 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def machine() -> dict[str, Any]:
+    """CPU count and load average, so a reader can tell a run on a busy machine."""
+    one, five, _ = os.getloadavg()
+    return {"cpus": os.cpu_count(), "loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2)}
+
+
 # -- statistics -----------------------------------------------------------------
 
 

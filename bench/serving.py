@@ -26,6 +26,7 @@ Prints one JSON line last on stdout; progress and logs go to stderr.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 import uuid
@@ -40,6 +41,7 @@ from bench._common import (  # noqa: E402
     claim_stdout,
     cpu_seconds,
     log,
+    machine,
     pct,
     r,
     start_loop_thread,
@@ -123,6 +125,75 @@ async def direct_round(engine, adapter, indices: list[int], max_tokens: int, con
     return {"records": records, "wall_s": time.perf_counter() - started}
 
 
+# --profile: tuneloop functions that run synchronously on the engine's event
+# loop in the HTTP path (or, for the engine's, in both paths), timed by wrapping.
+PROFILED = [
+    ("server.deps", None, "user_for_api_key"),
+    ("server.routes.openai_api", None, "_store_request"),
+    ("server.answers", "AnswerService", "_claim"),
+    ("server.answers", "AnswerService", "_finish"),
+    ("server.answers", "AnswerService", "check_context_fits"),
+    ("server.engine.vllm_engine", "VllmChatEngine", "prompt_token_ids"),
+    ("server.adapters", "AdapterRegistry", "active_in_db"),
+]
+
+
+class Profiler:
+    """Wall time of the PROFILED functions, and event-loop lag (how late a 5 ms
+    sleep wakes up: time the loop spent blocked), per mode run."""
+
+    def __init__(self) -> None:
+        import importlib
+
+        self.calls: dict[str, list[float]] = {}
+        self.lags: list[float] = []
+        for module_name, owner_name, name in PROFILED:
+            module = importlib.import_module(module_name)
+            owner = getattr(module, owner_name) if owner_name else module
+            label = f"{owner_name + '.' if owner_name else ''}{name}"
+            setattr(owner, name, self._timed(label, getattr(owner, name)))
+
+    def _timed(self, label: str, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.calls.setdefault(label, []).append(time.perf_counter() - started)
+
+        return wrapper
+
+    async def watch_loop(self) -> None:
+        import asyncio
+
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(0.005)
+            self.lags.append(time.perf_counter() - started - 0.005)
+
+    def take(self) -> dict[str, Any]:
+        calls, self.calls = self.calls, {}
+        lags, self.lags = self.lags, []
+        return {
+            "functions_ms": {
+                label: {"calls": len(v), "mean": r(1000 * sum(v) / len(v), 2), "max": r(1000 * max(v), 1),
+                        "total": r(1000 * sum(v), 1)}
+                for label, v in sorted(calls.items())
+            },
+            "loop_lag_ms": {"p50": r(1000 * (pct(lags, 50) or 0), 2), "p99": r(1000 * (pct(lags, 99) or 0), 1),
+                            "max": r(1000 * max(lags), 1) if lags else None,
+                            "blocked_total": r(1000 * sum(x for x in lags if x > 0.002), 0)},
+        }
+
+
+def _tok_s(run: dict[str, Any]) -> float:
+    tokens = sum(rec["completion_tokens"] or 0 for rec in run["records"] if rec["ok"])
+    return tokens / run["wall_s"] if run["wall_s"] else 0.0
+
+
 def mode_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     records = [rec for run in runs for rec in run["records"]]
     ok = [rec for rec in records if rec["ok"]]
@@ -151,6 +222,8 @@ def mode_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     client_cpu = [run.get("client_cpu_s") for run in runs if run.get("client_cpu_s") is not None]
     if client_cpu:
         stats["client_cpu_ms_per_request"] = r(1000 * sum(client_cpu) / max(1, len(records)), 1)
+    if runs and "profile" in runs[0]:
+        stats["profile"] = [run["profile"] for run in runs]
     errors = [rec["error"] for rec in records if not rec["ok"]]
     if errors:
         stats["errors"] = errors[:5]
@@ -161,6 +234,7 @@ def main() -> int:
     emit = claim_stdout()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run (~5 min on 2 cores)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     parser.add_argument("--adapter", help="PEFT LoRA folder to serve in both modes (default: base model)")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (default 1,4,16)")
     parser.add_argument("--max-tokens", type=int, help="tokens per answer (default 64 quick, 128 full)")
@@ -168,6 +242,8 @@ def main() -> int:
     parser.add_argument("--waves", type=int, default=1,
                         help="requests per mode run = max(2, concurrency) * waves (default 1)")
     parser.add_argument("--model", help="model folder (default: the packaged SmolLM2-135M-Instruct)")
+    parser.add_argument("--profile", action="store_true",
+                        help="time tuneloop's blocking functions on the event loop and the loop's lag, per run")
     args = parser.parse_args()
     quick = args.quick
     max_tokens = args.max_tokens or (64 if quick else 128)
@@ -195,6 +271,7 @@ def main() -> int:
             with session_scope(make_db(settings)) as session:
                 session.add(AdapterVersion(version=1, path=str(Path(args.adapter).resolve()), status="active",
                                            activated_at=utcnow()))
+        profiler = Profiler() if args.profile else None
         server = start_server(settings, loop_thread, engine)
         headers = {"Authorization": f"Bearer {server.api_key('bench-serving')}"}
         if args.adapter:
@@ -214,6 +291,9 @@ def main() -> int:
         client.call("bench._common:chat_round", timeout=600, base_url=server.base_url, headers=headers,
                     bodies=[http_body(i, 4) for i in range(4)], concurrency=4)
 
+        if profiler is not None:
+            loop_thread.loop.call_soon_threadsafe(lambda: loop_thread.loop.create_task(profiler.watch_loop()))
+            profiler.take()
         results = []
         order_flip = False
         for concurrency in levels:
@@ -235,6 +315,8 @@ def main() -> int:
                         run = loop_thread.run(direct_round(engine, adapter, indices, max_tokens, concurrency),
                                               timeout=1800)
                     run["server_cpu_s"] = cpu_seconds() - cpu0
+                    if profiler is not None:
+                        run["profile"] = profiler.take()
                     runs[mode].append(run)
                     toks = sum(rec["completion_tokens"] or 0 for rec in run["records"] if rec["ok"])
                     log("c=%d rep %d %-8s %d req, %d tokens in %.1f s = %.1f tok/s", concurrency, rep, mode,
@@ -253,6 +335,10 @@ def main() -> int:
                 "tuneloop": t,
                 "direct": d,
                 "throughput_ratio": r(ratio, 3),
+                "throughput_ratio_per_rep": [
+                    r(_tok_s(a) / _tok_s(b), 3) if _tok_s(b) else None
+                    for a, b in zip(runs["tuneloop"], runs["direct"], strict=True)
+                ],
                 "added_ttft_ms": r(added, 1),
                 "identical_answers": f"{same_text}/{t['requests']}",
                 "meets_targets": bool(ratio is not None and ratio >= 0.95 and added is not None and added <= 10.0),
@@ -274,6 +360,7 @@ def main() -> int:
             "targets": {"throughput_ratio_min": 0.95, "added_ttft_ms_max": 10.0},
             "all_targets_met": all(level["meets_targets"] for level in results),
             "failed_requests": failed,
+            "machine_at_end": machine(),
             "note": "tuneloop = HTTP SSE from a separate client process; direct = VllmChatEngine.generate "
                     "coroutines on the same engine loop; machine shared with other load, so compare "
                     "within this run only",
@@ -288,6 +375,8 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001
             log("engine shutdown: %s", exc)
         loop_thread.stop()
+        if not args.keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def make_db(settings):

@@ -28,6 +28,7 @@ Prints one JSON line last on stdout; progress and logs go to stderr.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from bench._common import (  # noqa: E402
     bench_settings,
     claim_stdout,
     log,
+    machine,
     r,
     start_loop_thread,
     start_server,
@@ -145,6 +147,7 @@ def main() -> int:
     emit = claim_stdout()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run (~5 min on 2 cores)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
     parser.add_argument("--clients", type=int, help="streaming clients (default 4 quick, 8 full)")
     parser.add_argument("--cycles", type=int, help="activate v1,v2,v3 + 3 rollbacks cycles (default 2 quick, 5 full)")
     parser.add_argument("--dwell", type=float, help="seconds of traffic on each version (default 2 quick, 5 full)")
@@ -229,8 +232,12 @@ def main() -> int:
         from server.models import Message
 
         by_id = {rec["message_id"]: rec for rec in records if rec["message_id"]}
-        with Session(server.db) as session:
+        from server.db import make_engine
+
+        reader = make_engine(settings.resolved_database_url)  # not the server's pool
+        with Session(reader) as session:
             rows = session.exec(select(Message).where(Message.role == "assistant")).all()
+        reader.dispose()
         windows = served_windows(swaps, load_ended + 1)
         check = {"rows": len(rows), "not_complete": 0, "no_client_record": 0, "adapter_not_in_service": 0,
                  "text_matches_recorded_adapter": 0, "text_matches_other_adapter": 0,
@@ -293,6 +300,7 @@ def main() -> int:
             "answers_per_adapter": per_adapter,
             "message_check": check,
             "reference_answers_distinct": f"{distinct}/{len(refs)}",
+            "machine_at_end": machine(),
             "ok": ok,
             "problems": (examples + [rec["error"] for rec in failed])[:10],
         })
@@ -307,6 +315,8 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001
             log("engine shutdown: %s", exc)
         loop_thread.stop()
+        if not args.keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 from sqlmodel import Session
 
 from server.answers import AnswerService
@@ -35,7 +36,7 @@ def get_answers(request: Request) -> AnswerService:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 AnswersDep = Annotated[AnswerService, Depends(get_answers)]
 
 
@@ -64,12 +65,22 @@ async def _require_csrf_on_writes(request: Request, settings: Settings, user: Us
         raise ApiError(403, "missing or wrong CSRF token; reload the page and try again")
 
 
+def _user_by_key(db, key: str) -> User | None:
+    """Key lookup off the event loop, in a session of its own (streams must not
+    hold a pooled connection for their whole duration)."""
+    with Session(db, expire_on_commit=False) as session:
+        user = user_for_api_key(session, key)
+        if user is not None:
+            session.expunge(user)
+        return user
+
+
 async def current_user(request: Request, session: SessionDep, settings: SettingsDep) -> User:
     """API identity: a bearer API key, or the browser cookie (then a CSRF token is
     required on writes, because a browser sends cookies cross-site)."""
     key = _bearer(request)
     if key is not None:
-        user = user_for_api_key(session, key)
+        user = await run_in_threadpool(_user_by_key, request.app.state.db, key)
         if user is None:
             raise ApiError(401, "the API key is unknown or revoked; create one with `tuneloop keys create NAME`")
         return user
