@@ -207,6 +207,31 @@ class PreferencePair(SQLModel, table=True):
     created_at: datetime = _timestamp(index=True)
 
 
+class ImportBatch(SQLModel, table=True):
+    """One dataset file imported with ``tuneloop import`` (or the admin API):
+    where its pairs came from. Only imports that added pairs are recorded."""
+
+    __tablename__ = "import_batches"
+
+    id: int | None = Field(default=None, primary_key=True)
+    filename: str = Field(max_length=500, description="name of the imported file")
+    format: str = Field(max_length=16, description="trl | axolotl | llamafactory")
+    file_sha256: str = Field(max_length=64, index=True, description="hash of the file's bytes")
+    rows: int = Field(description="records in the file")
+    added: int = Field(description="pairs it added")
+    duplicates: int = Field(description="records already in the store (or repeated in the file)")
+    created_at: datetime = _timestamp()
+
+
+class ImportBatchPair(SQLModel, table=True):
+    """Which import added a pair (``PreferencePair.source == "import"``)."""
+
+    __tablename__ = "import_batch_pairs"
+
+    pair_id: int = Field(foreign_key="preference_pairs.id", primary_key=True)
+    batch_id: int = Field(foreign_key="import_batches.id", index=True)
+
+
 class TrainingRunPair(SQLModel, table=True):
     """Which pairs a run trained on (``new`` or ``replay``) or evaluated (``eval``):
     the lineage from an adapter version back to the feedback rows."""
