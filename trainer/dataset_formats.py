@@ -260,7 +260,7 @@ def _from_axolotl(record: dict[str, Any]) -> tuple[Messages, str, str]:
     if "messages" in record:
         value = _required(record, "messages")
         prompt = [{"role": "user", "content": value}] if isinstance(value, str) else _messages("messages", value)
-    else:  # chatml.intel
+    elif "question" in record:  # chatml.intel
         question = _required(record, "question")
         if not isinstance(question, str):
             raise RecordError("question", "must be a string")
@@ -270,6 +270,8 @@ def _from_axolotl(record: dict[str, Any]) -> tuple[Messages, str, str]:
             if not isinstance(system, str):
                 raise RecordError("system", "must be a string")
             prompt.insert(0, {"role": "system", "content": system})
+    else:
+        raise RecordError("messages", 'is missing (or "question", for chatml.intel records)')
     return prompt, _answer("chosen", _required(record, "chosen")), _answer("rejected", _required(record, "rejected"))
 
 
