@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 from sqlmodel import Session
 
+from server import admin_auth
 from server.answers import AnswerService
 from server.errors import ApiError
 from server.identity import csrf_token_valid, user_for_api_key
@@ -103,9 +104,18 @@ async def browser_user(request: Request, session: SessionDep, settings: Settings
     return user
 
 
-def admin(request: Request, settings: SettingsDep) -> None:
-    token = _bearer(request) or ""
-    if not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
+async def admin(request: Request, settings: SettingsDep) -> None:
+    """The admin token as a bearer, or the admin dashboard's session cookie
+    (then writes need the session's CSRF token, as for browser users)."""
+    token = _bearer(request)
+    sid = admin_auth.session_id(settings, request.cookies.get(admin_auth.ADMIN_COOKIE)) if token is None else None
+    if sid is not None:
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not admin_auth.csrf_valid(
+            settings, sid, await _csrf_from_request(request)
+        ):
+            raise ApiError(403, "missing or wrong CSRF token; reload the admin page and try again")
+        return
+    if not hmac.compare_digest((token or "").encode(), settings.admin_token.encode()):
         raise ApiError(401, "admin endpoints need `Authorization: Bearer $TUNELOOP_ADMIN_TOKEN`")
 
 

@@ -1,0 +1,150 @@
+"""Charts for the admin dashboard, drawn on the server with matplotlib and
+inlined into the page as SVG (no JavaScript, no image requests).
+
+Only matplotlib's object API is used (``Figure``, never ``pyplot``): pyplot
+keeps global figure state, and handlers run in a thread pool.
+
+Each plotted series is a ``<g id="series-NAME">`` element in the SVG, e.g.
+``series-loss`` or ``series-rewards-margins``, so tests and styles can find it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from markupsafe import Markup  # noqa: E402  (after choosing the backend)
+from matplotlib.figure import Figure  # noqa: E402
+
+COLORS = ["#2f6feb", "#d9480f", "#2b8a3e", "#862e9c"]
+UP_COLOR, DOWN_COLOR = "#2b8a3e", "#c62828"
+_STYLE = {
+    "svg.fonttype": "none",  # text stays text: smaller, selectable, searchable
+    "svg.hashsalt": "tuneloop",  # stable ids: the same data gives the same SVG
+    "font.size": 9,
+    "font.family": "sans-serif",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+
+
+@dataclass(frozen=True)
+class StepChart:
+    """One chart of per-step training metrics: a title and the log keys it draws."""
+
+    slug: str
+    title: str
+    keys: tuple[str, ...]
+    ylabel: str
+
+
+# The ORPO trainer's step logs (TRL ``ORPOTrainer``): keys of ``TrainingRun.metrics["steps"][i]``.
+ORPO_CHARTS = (
+    StepChart("loss", "ORPO loss", ("loss", "nll_loss"), "loss"),
+    StepChart("log-odds", "Log odds ratio", ("log_odds_ratio",), "log odds ratio"),
+    StepChart("accuracy", "Reward accuracy", ("rewards/accuracies",), "share of pairs"),
+    StepChart("margin", "Reward margin (chosen − rejected)", ("rewards/margins",), "margin"),
+)
+
+
+def _slug(key: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", key.lower()).strip("-")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _svg(figure: Figure, svg_id: str, title: str) -> Markup:
+    """The figure as an inline ``<svg>`` element (no XML prolog), labelled for screen readers."""
+    buffer = io.StringIO()
+    with matplotlib.rc_context({**_STYLE, "svg.id": svg_id}):
+        figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    text = buffer.getvalue()
+    text = text[text.index("<svg") :]
+    text = text.replace("<svg ", f'<svg role="img" aria-label="{_escape_attr(title)}" ', 1)
+    return Markup(text)
+
+
+def _escape_attr(text: str) -> str:
+    return text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+
+
+def _figure() -> Figure:
+    with matplotlib.rc_context(_STYLE):
+        figure = Figure(figsize=(6.0, 2.8), dpi=100)
+        figure.subplots()
+    return figure
+
+
+def step_chart(chart: StepChart, steps: Sequence[Mapping[str, Any]], svg_id: str | None = None) -> Markup | None:
+    """A line chart of ``chart.keys`` over the steps (x: ``step``), or None when
+    no step has any of those keys. Non-numeric and non-finite values are skipped."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for index, entry in enumerate(steps, start=1):
+        x = _number(entry.get("step")) or float(index)
+        for key in chart.keys:
+            y = _number(entry.get(key))
+            if y is not None:
+                xs, ys = series.setdefault(key, ([], []))
+                xs.append(x)
+                ys.append(y)
+    if not series:
+        return None
+    with matplotlib.rc_context(_STYLE):
+        figure = _figure()
+        axes = figure.axes[0]
+        for color, (key, (xs, ys)) in zip(COLORS, series.items(), strict=False):
+            axes.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, linewidth=1.6,
+                      color=color, label=key, gid=f"series-{_slug(key)}")
+        axes.set_title(chart.title, loc="left", fontsize=10)
+        axes.set_xlabel("step")
+        axes.set_ylabel(chart.ylabel)
+        axes.grid(True, alpha=0.3)
+        if len(series) > 1:
+            axes.legend(frameon=False, fontsize=8)
+        if chart.slug == "accuracy":
+            axes.set_ylim(-0.05, 1.05)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    return _svg(figure, svg_id or f"chart-{chart.slug}", chart.title)
+
+
+def training_charts(steps: Sequence[Mapping[str, Any]]) -> list[tuple[StepChart, Markup]]:
+    """Every ORPO chart that has data, in :data:`ORPO_CHARTS` order."""
+    charts = []
+    for chart in ORPO_CHARTS:
+        svg = step_chart(chart, steps)
+        if svg is not None:
+            charts.append((chart, svg))
+    return charts
+
+
+def daily_feedback_chart(days: Sequence[date], up: Sequence[int], down: Sequence[int]) -> Markup | None:
+    """Stacked bars of thumbs up and down per day, or None when there are no days."""
+    if not days:
+        return None
+    with matplotlib.rc_context(_STYLE):
+        figure = _figure()
+        axes = figure.axes[0]
+        positions = list(range(len(days)))
+        axes.bar(positions, up, color=UP_COLOR, label="up", gid="series-up")
+        axes.bar(positions, down, bottom=up, color=DOWN_COLOR, label="down", gid="series-down")
+        every = max(1, math.ceil(len(days) / 10))
+        axes.set_xticks(positions[::every], [d.strftime("%b %d") for d in days[::every]])
+        axes.set_title("Thumbs per day (UTC)", loc="left", fontsize=10)
+        axes.set_ylabel("ratings")
+        axes.yaxis.get_major_locator().set_params(integer=True)
+        axes.grid(True, axis="y", alpha=0.3)
+        axes.legend(frameon=False, fontsize=8)
+    return _svg(figure, "chart-feedback-daily", "Thumbs up and down per day")

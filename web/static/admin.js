@@ -1,0 +1,30 @@
+// The admin dashboard's only script: show errors htmx did not swap. Every page works without it.
+(function () {
+  "use strict";
+
+  function showError(text) {
+    var bar = document.getElementById("error-bar");
+    if (!bar) return;
+    bar.textContent = text;
+    bar.hidden = false;
+    clearTimeout(showError.timer);
+    showError.timer = setTimeout(function () { bar.hidden = true; }, 10000);
+  }
+
+  document.addEventListener("htmx:responseError", function (evt) {
+    var xhr = evt.detail.xhr;
+    var text = "Request failed (" + xhr.status + ")";
+    try {
+      var body = JSON.parse(xhr.responseText);
+      if (body && body.error && body.error.message) text = body.error.message;
+    } catch (e) {
+      var div = document.createElement("div");
+      div.innerHTML = xhr.responseText;
+      if (div.textContent.trim()) text = div.textContent.trim();
+    }
+    showError(text);
+  });
+  document.addEventListener("htmx:sendError", function () {
+    showError("The server could not be reached. Check your connection and try again.");
+  });
+})();
