@@ -23,7 +23,7 @@ from server.middleware import BodySizeLimit, BrowserIdentity
 from server.models import User
 from server.rendering import STATIC_DIR, make_templates
 from server.retraining import reap_stale_runs
-from server.routes import admin, comparisons, feedback, health, openai_api, pages
+from server.routes import admin, admin_export, comparisons, feedback, health, openai_api, pages
 from server.scheduler import RetrainScheduler
 from server.settings import Settings
 
@@ -78,7 +78,7 @@ def create_app(
     app.state.started_at = time.time()
 
     install_error_handlers(app)
-    for module in (health, openai_api, feedback, comparisons, admin, pages):
+    for module in (health, openai_api, feedback, comparisons, admin, admin_export, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

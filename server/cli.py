@@ -204,6 +204,84 @@ def cmd_adapters_rollback(args: argparse.Namespace, settings: Settings) -> None:
     _change_active(settings, rollback)
 
 
+def _progress(iterable, total: int | None = None, desc: str = ""):
+    """A progress bar on stderr (tqdm when installed, else one line at the end)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _LineProgress(iterable, total, desc)
+    return tqdm(iterable, total=total, desc=desc, unit="rec", leave=False, disable=None, file=sys.stderr)
+
+
+class _LineProgress:
+    def __init__(self, iterable, total: int | None, desc: str) -> None:
+        self.iterable, self.total, self.desc = iterable, total, desc
+
+    def __iter__(self):
+        count = 0
+        for count, item in enumerate(self.iterable, start=1):  # noqa: B007
+            yield item
+        print(f"{self.desc}: {count}/{self.total if self.total is not None else count}", file=sys.stderr, flush=True)
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
+    from pathlib import Path
+
+    from trainer.datasets_export import default_filename, export_dataset, parse_since
+
+    try:
+        since = parse_since(args.since)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    file_format = args.file_format
+    output = Path(args.output) if args.output else None
+    if file_format is None:
+        file_format = "parquet" if output is not None and output.suffix == ".parquet" else "jsonl"
+    name = default_filename(args.format, file_format, args.split)
+    if output is None:
+        output = settings.data_dir / "exports" / name
+    elif output.is_dir():
+        output = output / name
+    with Session(_db(settings)) as session:
+        try:
+            report = export_dataset(
+                session, args.format, output, file_format, args.split, since, progress=_progress
+            )
+        except (ValueError, OSError) as exc:
+            raise CliError(f"export failed: {exc}") from exc
+    what = "feedback records" if args.format == "feedback" else f"pairs (split {args.split})"
+    print(f"exported {report.rows} {what} as {args.format} {file_format} to {report.path}")
+    for extra in report.extra_files:
+        print(f"wrote {extra}")
+    if report.skipped:
+        print(f"skipped {report.skipped} pairs the {args.format} format cannot hold, e.g. {report.skipped_reasons[0]}")
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> None:
+    from pathlib import Path
+
+    from server.db import session_scope
+    from trainer.datasets_import import DatasetImportError, import_dataset
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise CliError(f"{path} does not exist or is not a file")
+    try:
+        with session_scope(_db(settings)) as session:
+            report = import_dataset(
+                session, path, settings.eval_share, args.format, dry_run=args.dry_run, progress=_progress
+            )
+    except DatasetImportError as exc:
+        raise CliError(str(exc)) from exc
+    verb = "would import" if report.dry_run else "imported"
+    splits = report.added_by_split
+    print(
+        f"{verb} {report.added} new pairs from {path.name} ({report.format}, {report.rows} records): "
+        f"{splits['train']} train, {splits['eval']} eval; {report.duplicates} already in the store"
+        + (f" (import batch {report.batch_id})" if report.batch_id else "")
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tuneloop", description="A chat app that learns from its users' feedback."
@@ -249,6 +327,40 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key by id or prefix")
     revoke.add_argument("key", help="key id (from `keys list`) or its prefix")
     revoke.set_defaults(handler=cmd_keys_revoke)
+
+    export = commands.add_parser(
+        "export", help="write the preference pairs (or raw feedback) as a dataset file",
+        description="Write the preference pairs in the shape TRL, Axolotl or LLaMA-Factory reads "
+        "(or the raw feedback), as JSONL or Parquet. Pairs an admin excluded are left out.",
+    )
+    export.add_argument(
+        "--format", required=True, choices=("trl", "axolotl", "llamafactory", "feedback"),
+        help="trl: prompt/chosen/rejected messages; axolotl: chat_template.default; "
+        "llamafactory: sharegpt + dataset_info.json; feedback: raw thumbs and A/B choices",
+    )
+    export.add_argument(
+        "--file-format", choices=("jsonl", "parquet"),
+        help="default: parquet if --output ends in .parquet, else jsonl",
+    )
+    export.add_argument("--split", choices=("train", "eval", "all"), default="all", help="which pairs (default: all)")
+    export.add_argument(
+        "--output", "-o", help="file or folder to write (default: $TUNELOOP_DATA_DIR/exports/tuneloop-FORMAT-...)"
+    )
+    export.add_argument("--since", help="only records created at or after this ISO date/time, e.g. 2026-11-01")
+    export.set_defaults(handler=cmd_export)
+
+    import_cmd = commands.add_parser(
+        "import", help="add the pairs of a dataset file (trl, axolotl or llamafactory export)",
+        description="Validate a preference dataset (JSONL, JSON or Parquet) and add its pairs to the store, "
+        "deduplicated by content; nothing is imported if any record is bad.",
+    )
+    import_cmd.add_argument("file", help="the dataset file")
+    import_cmd.add_argument(
+        "--format", choices=("auto", "trl", "axolotl", "llamafactory"), default="auto",
+        help="default: detect it from the columns",
+    )
+    import_cmd.add_argument("--dry-run", action="store_true", help="validate and count, write nothing")
+    import_cmd.set_defaults(handler=cmd_import)
     return parser
 
 

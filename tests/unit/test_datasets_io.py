@@ -391,7 +391,8 @@ def test_admin_download_and_upload(tmp_path):
         assert first.status_code == 200 and first.json()["added"] == 1 and first.json()["batch_id"]
         assert client.post("/api/admin/import", files=files, headers=auth).json()["added"] == 0
 
-        broken = {"file": ("broken.jsonl", b'{"prompt": "Hi", "chosen": "Hello", "rejected": "Bye"}\n{"prompt": "x"}\n')}
+        body = b'{"prompt": "Hi", "chosen": "Hello", "rejected": "Bye"}\n{"prompt": "x"}\n'
+        broken = {"file": ("broken.jsonl", body)}
         refused = client.post("/api/admin/import", files=broken, headers=auth)
         assert refused.status_code == 400
         assert refused.json()["error"]["errors"] == ['line 2: "chosen" is missing']

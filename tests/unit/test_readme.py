@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from server.cli import build_parser
 from server.settings import Settings
 from tests.conftest import REPO
@@ -29,5 +31,27 @@ def test_every_setting_is_in_the_readme():
 def test_every_cli_command_is_in_the_readme():
     commands = _commands(build_parser())
     assert "tuneloop keys create" in commands and "tuneloop adapters rollback" in commands
+    assert "tuneloop export" in commands and "tuneloop import" in commands
     missing = [c for c in commands if f"`{c}" not in README]
     assert missing == []
+
+
+def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and command group, as argv prefixes (``()`` is ``tuneloop`` itself)."""
+    found = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.extend(_command_paths(sub, (*prefix, name)))
+    return found
+
+
+@pytest.mark.parametrize("argv", _command_paths(build_parser()), ids=lambda argv: " ".join(argv) or "tuneloop")
+def test_every_command_has_help(argv, capsys):
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert out.startswith(f"usage: {' '.join(('tuneloop', *argv))}")
