@@ -477,6 +477,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="train_learning_rate")
     parser.add_argument("--epochs", type=float, help="train_epochs")
     parser.add_argument("--max-steps", type=int, help="train_max_steps")
+    parser.add_argument("--beta", type=float, help="train_beta (ORPO lambda)")
     parser.add_argument("--eval-share", type=float)
     parser.add_argument("--replay", type=float, help="replay_fraction")
     parser.add_argument("--tolerance", type=float, help="gate_sanity_tolerance")
@@ -492,7 +493,7 @@ def main() -> None:
     overrides = dict(OVERRIDES)
     for arg, key in (("lr", "train_learning_rate"), ("epochs", "train_epochs"), ("eval_share", "eval_share"),
                      ("replay", "replay_fraction"), ("tolerance", "gate_sanity_tolerance"),
-                     ("max_steps", "train_max_steps")):
+                     ("max_steps", "train_max_steps"), ("beta", "train_beta")):
         if getattr(args, arg) is not None:
             overrides[key] = getattr(args, arg)
 

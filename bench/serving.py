@@ -125,11 +125,11 @@ async def direct_round(engine, adapter, indices: list[int], max_tokens: int, con
     return {"records": records, "wall_s": time.perf_counter() - started}
 
 
-# --profile: tuneloop functions that run synchronously on the engine's event
-# loop in the HTTP path (or, for the engine's, in both paths), timed by wrapping.
+# --profile: tuneloop functions in the HTTP path (some on the event loop, the
+# store and the key lookup in worker threads), timed by wrapping.
 PROFILED = [
     ("server.deps", None, "user_for_api_key"),
-    ("server.routes.openai_api", None, "_store_request"),
+    ("server.answers", "AnswerService", "_store_claimed"),
     ("server.answers", "AnswerService", "_claim"),
     ("server.answers", "AnswerService", "_finish"),
     ("server.answers", "AnswerService", "check_context_fits"),

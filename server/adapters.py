@@ -34,6 +34,7 @@ class AdapterRegistry:
         self.db = db
         self.max_rank = max_rank
         self.active: AdapterRef | None = None
+        self.switches = 0  # times this server changed the adapter it serves (a metric)
         self._switch_lock = asyncio.Lock()
 
     def active_in_db(self) -> AdapterRef | None:
@@ -55,4 +56,5 @@ class AdapterRegistry:
                 await self.engine.load_adapter(ref)
             previous, self.active = self.active, ref
             if previous != ref:
+                self.switches += 1
                 log.info("serving adapter %s (was %s)", ref.name if ref else "base", previous)

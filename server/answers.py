@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -22,11 +23,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from server.adapters import AdapterRegistry
-from server.conversations import chat_context, thread
+from server.conversations import add_chain, add_message, chat_context, start_conversation, thread
 from server.db import session_scope
 from server.engine.base import AdapterRef, ChatEngine, EngineUnavailable, GenerationChunk, SamplingSettings
 from server.errors import ApiError
-from server.models import Conversation, Message, utcnow
+from server.metrics import Metrics
+from server.models import Conversation, Message, User, utcnow
 from server.settings import Settings
 
 log = logging.getLogger("tuneloop.answers")
@@ -41,13 +43,15 @@ def process_identity() -> str:
 
 class AnswerService:
     def __init__(
-        self, settings: Settings, engine: ChatEngine, db: Engine, adapters: AdapterRegistry
+        self, settings: Settings, engine: ChatEngine, db: Engine, adapters: AdapterRegistry,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.db = db
         self.adapters = adapters
-        self._running: dict[int, str] = {}  # message id -> engine request id
+        self.metrics = metrics
+        self._running: dict[int, AnswerJob] = {}  # message id -> the job generating it here
 
     def web_sampling(self) -> SamplingSettings:
         """Sampling for a browser turn; the random seed makes the answer replayable."""
@@ -96,9 +100,7 @@ class AnswerService:
             conversation = session.get(Conversation, message.conversation_id)
             assert conversation is not None
             context = chat_context(thread(session, conversation, message.parent_id))
-            sampling = SamplingSettings(
-                **{k: (tuple(v) if k == "stop" else v) for k, v in (message.sampling or {}).items()}
-            )
+            sampling = SamplingSettings.from_json(message.sampling or {})
         return context, sampling, adapter
 
     def _finish(self, message_id: int, text: str, status: str, last: GenerationChunk | None) -> None:
@@ -117,39 +119,71 @@ class AnswerService:
                 message.finish_reason = "stopped"
             session.add(message)
 
+    def _start_job(
+        self, message_id: int | None, context: list[dict[str, str]], sampling: SamplingSettings,
+        adapter: AdapterRef | None,
+    ) -> AnswerJob:
+        job = AnswerJob(self, context, sampling, adapter)
+        if message_id is not None:
+            job.bind(message_id)
+        return job
+
     async def stream(self, message_id: int) -> AsyncIterator[GenerationChunk]:
         """Generate the answer for pending message ``message_id``, yielding deltas.
 
         If another caller is already generating it, wait for that one and yield
         the finished text as a single chunk. Raises EngineUnavailable (503).
         """
-        claim = self._claim(message_id)
+        claim = await asyncio.to_thread(self._claim, message_id)
         if claim is None:
             async for chunk in self._follow(message_id):
                 yield chunk
             return
-        context, sampling, adapter = claim
-        request_id = f"msg-{message_id}-{uuid.uuid4().hex[:8]}"
-        self._running[message_id] = request_id
-        parts: list[str] = []
-        last: GenerationChunk | None = None
-        status = "stopped"
+        async for chunk in self._start_job(message_id, *claim).chunks():
+            yield chunk
+
+    async def start_api_answers(
+        self, user_id: int, history: list[dict[str, str]], samplings: list[SamplingSettings]
+    ) -> tuple[list[int], list[AnswerJob]]:
+        """Answers for an API request: the engine starts on them at once, while the
+        request and its answers (already claimed by this process, adapter pinned)
+        are stored off the event loop -- the database write hides behind the
+        prompt's prefill instead of adding to the time to the first token.
+        If storing fails, the generations are aborted and the error raised
+        (nothing was accepted)."""
+        adapter = self.adapters.active
+        jobs = [self._start_job(None, history, sampling, adapter) for sampling in samplings]
         try:
-            async for chunk in self.engine.generate(context, sampling, request_id, adapter):
-                if chunk.text:
-                    parts.append(chunk.text)
-                if chunk.finished:
-                    last = chunk
-                    status = "stopped" if chunk.finish_reason == "abort" else "complete"
-                yield chunk
-        except (EngineUnavailable, ValueError):
-            status = "error"
+            ids = await asyncio.to_thread(self._store_claimed, user_id, history, samplings, adapter)
+        except BaseException:
+            for job in jobs:
+                job.cancel()
             raise
-        finally:
-            self._running.pop(message_id, None)
-            # Runs on normal end, on stop (abort) and when the client went away
-            # (cancellation), so the partial answer is kept either way.
-            self._finish(message_id, "".join(parts), status, last)
+        for job, message_id in zip(jobs, ids, strict=True):
+            job.bind(message_id)
+        return ids, jobs
+
+    def _store_claimed(
+        self, user_id: int, history: list[dict[str, str]], samplings: list[SamplingSettings],
+        adapter: AdapterRef | None,
+    ) -> list[int]:
+        """Store an API request's history and its answers as one conversation;
+        the answers are siblings, already ``streaming`` and claimed here."""
+        with session_scope(self.db) as session:
+            user = session.get(User, user_id)
+            first_user = next(m["content"] for m in history if m["role"] == "user")
+            conversation = start_conversation(session, user, "api", first_user)
+            parent = add_chain(session, conversation, history)
+            answers = [
+                add_message(
+                    session, conversation, parent.id if parent else None, "assistant", status="streaming",
+                    sampling=sampling.to_json(), adapter_version=adapter.name if adapter else None,
+                    claimed_by=process_identity(),
+                )
+                for sampling in samplings
+            ]
+            conversation.current_leaf_id = answers[0].id
+            return [a.id for a in answers]  # type: ignore[misc]
 
     async def _follow(self, message_id: int) -> AsyncIterator[GenerationChunk]:
         while True:
@@ -172,18 +206,115 @@ class AnswerService:
         """Generate to the end (no streaming) and return the stored message."""
         async for _ in self.stream(message_id):
             pass
-        with Session(self.db) as session:
+        return await asyncio.to_thread(self.stored, message_id)
+
+    def stored(self, message_id: int) -> Message:
+        with Session(self.db, expire_on_commit=False) as session:
             message = session.get(Message, message_id)
             assert message is not None
+            session.expunge(message)
             return message
 
     async def stop(self, message_id: int) -> bool:
         """Abort the engine request producing ``message_id``; False if none runs here."""
-        request_id = self._running.get(message_id)
-        if request_id is None:
+        job = self._running.get(message_id)
+        if job is None:
             return False
-        await self.engine.abort(request_id)
+        await self.engine.abort(job.request_id)
         return True
+
+
+class AnswerJob:
+    """One answer generated by a task of its own.
+
+    The task reads the engine stream to the end and stores the result, whether
+    or not anyone is listening: an answer whose client never started reading is
+    still completed and kept. A listener that goes away early cancels the job:
+    the engine request is aborted and the partial text kept as ``stopped``
+    (the same as the stop button). Chunks reach listeners through a queue.
+    """
+
+    def __init__(
+        self, service: AnswerService, context: list[dict[str, str]], sampling: SamplingSettings,
+        adapter: AdapterRef | None,
+    ) -> None:
+        self.service = service
+        self.adapter = adapter
+        self.request_id = f"ans-{uuid.uuid4().hex[:12]}"
+        self.message_id: int | None = None
+        self._result: tuple[str, str, GenerationChunk | None] | None = None  # text, status, last chunk
+        self._queue: asyncio.Queue[GenerationChunk | BaseException | None] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(context, sampling))
+
+    def bind(self, message_id: int) -> None:
+        """Tell the job which stored message it produces (it may start before)."""
+        self.message_id = message_id
+        if self._result is None:
+            self.service._running[message_id] = self
+        else:  # generation ended before the message was stored: store it now
+            self.service._finish(message_id, *self._result)
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    async def _run(self, context: list[dict[str, str]], sampling: SamplingSettings) -> None:
+        service = self.service
+        started = time.perf_counter()
+        first_token: float | None = None
+        parts: list[str] = []
+        last: GenerationChunk | None = None
+        status = "stopped"
+        try:
+            async for chunk in service.engine.generate(context, sampling, self.request_id, self.adapter):
+                if chunk.text:
+                    if first_token is None:
+                        first_token = time.perf_counter()
+                    parts.append(chunk.text)
+                if chunk.finished:
+                    last = chunk
+                    status = "stopped" if chunk.finish_reason == "abort" else "complete"
+                self._queue.put_nowait(chunk)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # EngineUnavailable, ValueError: the listener re-raises it
+            status = "error"
+            self._queue.put_nowait(exc)
+        finally:
+            # On normal end, on stop (abort) and when the listener went away
+            # (cancellation): the partial answer is kept either way. If the
+            # message isn't stored yet, bind() stores the result.
+            self._result = ("".join(parts), status, last)
+            if self.message_id is not None:
+                service._running.pop(self.message_id, None)
+                service._finish(self.message_id, *self._result)
+            if service.metrics is not None:
+                service.metrics.observe_answer(
+                    self.adapter.name if self.adapter else None, status, started, first_token,
+                    last.completion_tokens if last else None, time.perf_counter(),
+                )
+            self._queue.put_nowait(None)
+
+    async def chunks(self) -> AsyncIterator[GenerationChunk]:
+        """The answer's chunks as they come; raises what the engine raised."""
+        finished = False
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            if not finished:
+                self._task.cancel()  # the listener went away: stop generating
+
+    async def wait(self) -> None:
+        """Until the answer is generated and stored (raises what the engine raised)."""
+        async for _ in self.chunks():
+            pass
 
 
 def _process_alive(pid: int) -> bool:

@@ -19,11 +19,12 @@ from server.db import make_engine, session_scope, upgrade
 from server.engine.base import ChatEngine
 from server.engine.factory import build_engine
 from server.errors import install_error_handlers
+from server.metrics import Metrics, RequestMetrics
 from server.middleware import BodySizeLimit, BrowserIdentity
 from server.models import User
 from server.rendering import STATIC_DIR, make_templates
 from server.retraining import reap_stale_runs
-from server.routes import admin, admin_export, comparisons, feedback, health, openai_api, pages
+from server.routes import admin, admin_export, admin_ops, admin_pages, comparisons, feedback, health, openai_api, pages
 from server.scheduler import RetrainScheduler
 from server.settings import Settings
 
@@ -73,12 +74,17 @@ def create_app(
     app.state.db = db
     app.state.engine = chat_engine
     app.state.adapters = adapters
-    app.state.answers = AnswerService(settings, chat_engine, db, adapters)
+    metrics = Metrics(
+        db, active_adapter=lambda: adapters.active, engine_ready=lambda: chat_engine.ready,
+        adapter_switches=lambda: adapters.switches,
+    )
+    app.state.metrics = metrics
+    app.state.answers = AnswerService(settings, chat_engine, db, adapters, metrics)
     app.state.templates = make_templates()
     app.state.started_at = time.time()
 
     install_error_handlers(app)
-    for module in (health, openai_api, feedback, comparisons, admin, admin_export, pages):
+    for module in (health, openai_api, feedback, comparisons, admin, admin_export, admin_pages, admin_ops, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -94,6 +100,7 @@ def create_app(
         secure=settings.env == "production",
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app
 
 

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     train_max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: epochs).")
     train_learning_rate: float = Field(1e-4, gt=0, description="ORPO learning rate.")
     train_batch_size: int = Field(4, ge=1, description="Pairs per optimiser step.")
+    train_beta: float = Field(
+        0.1, ge=0.0, description="ORPO lambda: weight of the odds-ratio (preference) term against the "
+        "NLL of the chosen answer."
+    )
     train_qlora: bool = Field(
         False, description="QLoRA on GPU: 4-bit nf4 base, double quantisation, paged 8-bit AdamW."
     )

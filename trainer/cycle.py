@@ -86,6 +86,7 @@ def train_config_from(settings: Settings):
         max_steps=settings.train_max_steps,
         learning_rate=settings.train_learning_rate,
         batch_size=settings.train_batch_size,
+        beta=settings.train_beta,
         qlora=settings.train_qlora,
         replay_fraction=settings.replay_fraction,
         gate_min_accuracy_gain=settings.gate_min_accuracy_gain,

@@ -34,6 +34,10 @@ class SamplingSettings:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SamplingSettings:
+        return cls(**{k: (tuple(v) if k == "stop" else v) for k, v in data.items()})
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["stop"] = list(self.stop)

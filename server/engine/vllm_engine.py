@@ -57,6 +57,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -82,6 +83,7 @@ T = TypeVar("T")
 
 WARM_UP_MESSAGES = [{"role": "user", "content": "Hello"}]
 ADAPTER_LOAD_TIMEOUT_S = 120.0
+PROMPT_CACHE_SIZE = 256
 WATCHDOG_INTERVAL_S = 0.5
 RESTART_BACKOFF_MAX_S = 60.0
 IDENTITY_ADAPTER = "tuneloop-identity"
@@ -138,6 +140,7 @@ class VllmChatEngine:
         self.start_seconds: float | None = None
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
+        self._prompt_cache: OrderedDict[tuple[tuple[str, str], ...], tuple[int, ...]] = OrderedDict()
         self._stopping = False
         self._adapters: dict[int, AdapterRef] = {}
         self._lora_requests: dict[int, LoRARequest] = {}
@@ -321,8 +324,18 @@ class VllmChatEngine:
         the assistant turn's opening (``add_generation_prompt``)."""
         if self._tokenizer is None:
             raise EngineUnavailable("the model engine has not been started")
+        # The context-length check and generate() both need them: remember the
+        # last few (templating + tokenizing costs ~1 ms per request).
+        key = tuple((m["role"], m["content"]) for m in messages)
+        cached = self._prompt_cache.get(key)
+        if cached is not None:
+            return list(cached)
         text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = tuple(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        self._prompt_cache[key] = ids
+        if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return list(ids)
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.prompt_token_ids(messages))

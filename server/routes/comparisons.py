@@ -66,7 +66,8 @@ async def create_comparison(
 
 
 @router.post("/comparisons/{comparison_id}/choice")
-def choose(comparison_id: int, body: ChoiceIn, user: CurrentUser, session: SessionDep) -> dict:
+def choose(comparison_id: int, body: ChoiceIn, request: Request, user: CurrentUser, session: SessionDep) -> dict:
     comparison = record_choice(session, user, comparison_id, body.winner)
     session.commit()
+    request.app.state.metrics.feedback(f"choice_{body.winner}")
     return {"id": comparison.id, "winner": comparison.winner, "decided_at": comparison.decided_at.isoformat()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sqlmodel import select
 
 from server.conversations import owned_message
@@ -49,7 +49,10 @@ def get_message(message_id: int, user: CurrentUser, session: SessionDep) -> dict
 
 
 @router.post("/messages/{message_id}/feedback")
-def post_feedback(message_id: int, body: FeedbackIn, user: CurrentUser, session: SessionDep) -> dict:
+def post_feedback(
+    message_id: int, body: FeedbackIn, request: Request, user: CurrentUser, session: SessionDep
+) -> dict:
     feedback = record_feedback(session, user, message_id, body)
     session.commit()
+    request.app.state.metrics.feedback(f"thumbs_{body.rating}")
     return {"message_id": message_id, **(feedback_json(feedback) or {})}

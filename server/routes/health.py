@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+
+from server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["health"])
 
@@ -19,3 +21,10 @@ async def healthz(request: Request) -> JSONResponse:
         "adapter": adapter.name if adapter else None,
     }
     return JSONResponse(body, status_code=200 if engine.ready else 503)
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    """Prometheus text format (see server/metrics.py for what each series means).
+    Open like /healthz: it holds counts, never content; restrict it at the proxy if needed."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -19,9 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.answers import AnswerService
-from server.conversations import add_chain, add_message, start_conversation
-from server.db import session_scope
+from server.answers import AnswerJob
 from server.deps import AnswersDep, CurrentUser, SettingsDep
 from server.engine.base import GenerationChunk, SamplingSettings
 from server.errors import ApiError
@@ -152,30 +150,6 @@ async def list_models(request: Request, user: CurrentUser) -> dict:
     }
 
 
-def _store_request(
-    answers: AnswerService, user_id: int, history: list[dict[str, str]], sampling: SamplingSettings, n: int
-) -> list[int]:
-    """Store the history and n pending answers (siblings); return their ids."""
-    from server.models import User
-
-    with session_scope(answers.db) as session:
-        user = session.get(User, user_id)
-        first_user = next(m["content"] for m in history if m["role"] == "user")
-        conversation = start_conversation(session, user, "api", first_user)
-        parent = add_chain(session, conversation, history)
-        ids = []
-        for i in range(n):
-            seed = None if sampling.seed is None else sampling.seed + i
-            per_answer = SamplingSettings(**{**sampling.__dict__, "seed": seed})
-            answer = add_message(
-                session, conversation, parent.id, "assistant", status="pending",
-                sampling=per_answer.to_json(),
-            )
-            ids.append(answer.id)
-        conversation.current_leaf_id = ids[0]
-        return ids
-
-
 @router.post("/chat/completions")
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, user: CurrentUser, settings: SettingsDep,
@@ -187,15 +161,20 @@ async def chat_completions(
     answers.check_context_fits(history, sampling.max_tokens)
     if not request.app.state.engine.ready:
         raise ApiError(503, "the model engine is starting or restarting; retry shortly")
-    ids = _store_request(answers, user.id, history, sampling, body.n)
+    samplings = [
+        SamplingSettings(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + i})
+        for i in range(body.n)
+    ]
+    ids, jobs = await answers.start_api_answers(user.id, history, samplings)
     headers = {"X-Tuneloop-Message-Id": ",".join(str(i) for i in ids)}
     completion_id = f"chatcmpl-{ids[0]}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream_events(answers, ids, completion_id, created, model, include_usage)
+        events = _stream_events(jobs, ids, completion_id, created, model, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    results = await asyncio.gather(*(answers.complete(i) for i in ids))
+    await asyncio.gather(*(job.wait() for job in jobs))
+    results = [await asyncio.to_thread(answers.stored, i) for i in ids]
     choices = [
         {
             "index": i,
@@ -232,23 +211,23 @@ def _openai_finish(reason: str | None) -> str | None:
     return {"abort": "stop", "stopped": "stop"}.get(reason or "", reason)
 
 
-async def _merged(answers: AnswerService, ids: list[int]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+async def _merged(jobs: list[AnswerJob]) -> AsyncIterator[tuple[int, GenerationChunk]]:
     """Interleave the streams of several answers as their chunks arrive."""
-    if len(ids) == 1:
-        async for chunk in answers.stream(ids[0]):
+    if len(jobs) == 1:
+        async for chunk in jobs[0].chunks():
             yield 0, chunk
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    async def pump(index: int, message_id: int) -> None:
+    async def pump(index: int, job: AnswerJob) -> None:
         try:
-            async for chunk in answers.stream(message_id):
+            async for chunk in job.chunks():
                 await queue.put((index, chunk))
         finally:
             await queue.put(done)
 
-    tasks = [asyncio.create_task(pump(i, m)) for i, m in enumerate(ids)]
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
     try:
         remaining = len(tasks)
         while remaining:
@@ -265,7 +244,7 @@ async def _merged(answers: AnswerService, ids: list[int]) -> AsyncIterator[tuple
 
 
 async def _stream_events(
-    answers: AnswerService, ids: list[int], completion_id: str, created: int, model: str,
+    jobs: list[AnswerJob], ids: list[int], completion_id: str, created: int, model: str,
     include_usage: bool,
 ) -> AsyncIterator[str]:
     def event(choices: list, **extra) -> str:
@@ -280,7 +259,7 @@ async def _stream_events(
         yield event([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     prompt_tokens = completion_tokens = 0
     try:
-        async for index, chunk in _merged(answers, ids):
+        async for index, chunk in _merged(jobs):
             if chunk.text:
                 yield event([{"index": index, "delta": {"content": chunk.text}, "finish_reason": None}])
             if chunk.finished:

@@ -312,6 +312,7 @@ def rate_answer(
     data = FeedbackIn(rating=chosen, comment=comment, tags=[t for t in tags.split(",") if t.strip()])
     record_feedback(session, user, message_id, data)
     session.commit()
+    request.app.state.metrics.feedback(f"thumbs_{chosen}")
     message, conversation = owned_message(session, user, message_id)
     if _is_htmx(request):
         view = message_view(session, user, message, conversation)
@@ -328,6 +329,7 @@ def choose(
         raise ApiError(400, "winner must be a, b, tie or both_bad", "winner")
     comparison = record_choice(session, user, comparison_id, winner)  # type: ignore[arg-type]
     session.commit()
+    request.app.state.metrics.feedback(f"choice_{winner}")
     conversation = session.get(Conversation, comparison.conversation_id)
     if _is_htmx(request):
         chosen = session.get(Message, comparison.message_b_id if winner == "b" else comparison.message_a_id)
