@@ -260,6 +260,8 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_import(args: argparse.Namespace, settings: Settings) -> None:
     from pathlib import Path
 
+    from sqlalchemy.exc import IntegrityError
+
     from server.db import session_scope
     from trainer.datasets_import import DatasetImportError, import_dataset
 
@@ -271,8 +273,12 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> None:
             report = import_dataset(
                 session, path, settings.eval_share, args.format, dry_run=args.dry_run, progress=_progress
             )
-    except DatasetImportError as exc:
+    except (DatasetImportError, OSError) as exc:
         raise CliError(str(exc)) from exc
+    except IntegrityError as exc:
+        raise CliError(
+            "some of these pairs were added by another process while importing; nothing was imported, run it again"
+        ) from exc
     verb = "would import" if report.dry_run else "imported"
     splits = report.added_by_split
     print(

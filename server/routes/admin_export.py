@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy.exc import IntegrityError
 from starlette.background import BackgroundTask
 
 from server.deps import AdminDep, SessionDep, SettingsDep
@@ -73,17 +74,24 @@ def import_file(
     format: Annotated[Literal["auto", "trl", "axolotl", "llamafactory"], Form()] = "auto",
     dry_run: Annotated[bool, Form()] = False,
 ) -> Any:
-    filename = Path(file.filename or "upload").name
+    filename = Path(file.filename or "").name
+    if filename in ("", ".", ".."):
+        filename = "upload"
     with tempfile.TemporaryDirectory(prefix="tuneloop-import-") as workdir:
         path = Path(workdir) / filename
         with open(path, "wb") as handle:
             shutil.copyfileobj(file.file, handle)
         try:
             report = import_dataset(session, path, settings.eval_share, format, filename=filename, dry_run=dry_run)
+            session.commit()
         except DatasetImportError as exc:
             session.rollback()
             body = error_body(400, str(exc), "file")
             body["error"]["errors"] = exc.errors[:100]
             return JSONResponse(body, status_code=400)
-    session.commit()
+        except IntegrityError as exc:
+            session.rollback()
+            raise ApiError(
+                409, "some of these pairs were added meanwhile by another process; nothing was imported, send it again"
+            ) from exc
     return report.to_json()
