@@ -46,7 +46,8 @@ def orpo_steps(count: int) -> list[dict]:
         {
             "step": i, "total_steps": count, "loss": 2.0 - 0.15 * i, "nll_loss": 1.6 - 0.1 * i,
             "log_odds_ratio": -0.8 + 0.1 * i, "rewards/accuracies": min(1.0, 0.25 * i),
-            "rewards/margins": 0.01 * i * i, "rewards/chosen": -0.5 + 0.01 * i, "learning_rate": 1e-4, "epoch": i / count,
+            "rewards/margins": 0.01 * i * i, "rewards/chosen": -0.5 + 0.01 * i, "learning_rate": 1e-4,
+            "epoch": i / count,
         }
         for i in range(1, count + 1)
     ]
@@ -54,7 +55,9 @@ def orpo_steps(count: int) -> list[dict]:
 
 def evaluation(promote: bool, compared_with: str, reasons: list[str]) -> dict:
     return {
-        "candidate": {"preference_accuracy": 0.75, "mean_margin": 0.412, "chosen_nll": 1.9, "sanity_nll": 2.101, "pairs": 8},
+        "candidate": {
+            "preference_accuracy": 0.75, "mean_margin": 0.412, "chosen_nll": 1.9, "sanity_nll": 2.101, "pairs": 8,
+        },
         "active": {"preference_accuracy": 0.5, "mean_margin": 0.103, "chosen_nll": 2.1, "sanity_nll": 2.05, "pairs": 8},
         "compared_with": compared_with,
         "decision": {"promote": promote, "reasons": reasons, "numbers": {"max_sanity_nll": 2.1525}},
@@ -104,7 +107,9 @@ def seed(db: Engine, hold_retrain_lease: bool = False) -> Seeded:
         unrated.current_leaf_id = a5.id
         s.add_all([moon, old, unrated])
 
-        def thumbs(answer: Message, rating: str, when: datetime, tags: list[str], comment: str | None = None) -> Feedback:
+        def thumbs(
+            answer: Message, rating: str, when: datetime, tags: list[str], comment: str | None = None
+        ) -> Feedback:
             row = Feedback(message_id=answer.id, user_id=user.id, rating=rating, tags=tags, comment=comment,
                            created_at=when, updated_at=when)
             s.add(row)

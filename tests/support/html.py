@@ -151,7 +151,7 @@ def _parse_compound(text: str) -> _Compound:
         elif match["cls"]:
             compound.classes.append(match["cls"])
         else:
-            value = match["dq"] if match["dq"] is not None else match["sq"] if match["sq"] is not None else match["bare"]
+            value = next((match[g] for g in ("dq", "sq", "bare") if match[g] is not None), None)
             compound.attrs.append((match["attr"], match["op"], value))
         position = match.end()
     return compound

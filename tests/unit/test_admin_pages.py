@@ -26,9 +26,15 @@ PAGES = ["/admin", "/admin/feedback", "/admin/conversations", "/admin/pairs", "/
          "/admin/keys", "/admin/runs/1", "/admin/adapters/v2/lineage", "/admin/conversations/1"]
 
 
+def dashboard_settings(tmp_path, **overrides):
+    """The seeded adapter folders do not exist: the adapter watcher would mark
+    the active one failed on its next poll, so it polls once, at start-up."""
+    return make_settings(tmp_path, adapter_poll_seconds=3600, **overrides)
+
+
 @pytest.fixture
 def app(tmp_path):
-    return create_app(make_settings(tmp_path))
+    return create_app(dashboard_settings(tmp_path))
 
 
 @pytest.fixture
@@ -115,7 +121,7 @@ def test_next_never_leaves_the_dashboard(client, target):
 
 
 def test_cookie_is_secure_in_production(tmp_path):
-    settings = make_settings(tmp_path, env="production", admin_token="p" * 24, secret_key="s" * 32)
+    settings = dashboard_settings(tmp_path, env="production", admin_token="p" * 24, secret_key="s" * 32)
     with TestClient(create_app(settings), base_url="https://testserver") as client:
         response = sign_in(client, "p" * 24)
         assert response.status_code == 303 and "Secure" in response.headers["set-cookie"]
@@ -388,7 +394,8 @@ def test_adapter_table_shows_evaluation_gate_and_actions(admin):
     forms = {v: r.select(".actions form") for v, r in rows.items()}
     assert [v for v, f in forms.items() if f] == ["v3", "v1"]
     form = forms["v3"][0]
-    assert form.get("hx-post") == "/admin/adapters/v3/activate" and form.get("hx-confirm", "").startswith("Activate v3?")
+    assert form.get("hx-post") == "/admin/adapters/v3/activate"
+    assert form.get("hx-confirm", "").startswith("Activate v3?")
     assert form.get("method") == "get" and form.get("action") == "/admin/adapters/v3/activate"  # no-JS confirm page
     rollback = doc.select_one(".serving form[hx-post='/admin/adapters/rollback']")
     assert "v1" in rollback.get("hx-confirm") and rollback.get("action") == "/admin/adapters/rollback"
@@ -469,5 +476,6 @@ def test_api_key_is_shown_once_works_and_can_be_revoked(app, admin):
 
 def test_api_key_needs_a_name(app, admin):
     response = admin.post("/admin/keys", data={"name": "  ", "csrf_token": admin.csrf})
-    assert response.status_code == 400 and "Give the key a name" in parse(response.text).select_one(".notice.error").text()
+    assert response.status_code == 400
+    assert "Give the key a name" in parse(response.text).select_one(".notice.error").text()
     assert db_get(app, ApiKey) == []
