@@ -99,7 +99,10 @@ def create_app(
         BrowserIdentity, secret_key=settings.secret_key, create_user=create_browser_user,
         secure=settings.env == "production",
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_request_bytes,
+        larger={"/api/admin/import": (settings.max_import_bytes, "TUNELOOP_MAX_IMPORT_BYTES")},
+    )
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
 

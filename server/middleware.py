@@ -22,19 +22,24 @@ class _BodyTooLarge(Exception):
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with a 413 JSON error."""
+    """Refuse request bodies over ``max_bytes`` with a 413 JSON error; paths in
+    ``larger`` (path -> (limit, setting name)) have their own limit (dataset uploads)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, larger: dict[str, tuple[int, str]] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, setting = self.larger.get(scope["path"], (self.max_bytes, "TUNELOOP_MAX_REQUEST_BYTES"))
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send, int(declared))
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, int(declared), limit, setting)
             return
         received = 0
         response_started = False
@@ -44,7 +49,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     raise _BodyTooLarge
             return message
 
@@ -58,15 +63,11 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not response_started:
-                await self._refuse(send, received)
+                await self._refuse(send, received, limit, setting)
 
-    async def _refuse(self, send: Send, size: int) -> None:
+    async def _refuse(self, send: Send, size: int, limit: int, setting: str) -> None:
         body = json.dumps(
-            error_body(
-                413,
-                f"request body is {size} bytes or more; the limit is {self.max_bytes} bytes "
-                "(TUNELOOP_MAX_REQUEST_BYTES)",
-            )
+            error_body(413, f"request body is {size} bytes or more; the limit is {limit} bytes ({setting})")
         ).encode()
         await send(
             {

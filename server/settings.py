@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         200, description="Most messages (user and assistant) in one conversation."
     )
     max_request_bytes: int = Field(262_144, description="Largest accepted request body.")
+    max_import_bytes: int = Field(
+        256 * 1024 * 1024, description="Largest dataset file accepted by the admin upload (POST /api/admin/import)."
+    )
     max_new_tokens: int = Field(512, description="Upper bound on `max_tokens` of one answer.")
     default_max_tokens: int = Field(256, description="Answer length when a request names none.")
     default_temperature: float = Field(0.7, description="Sampling temperature for the web chat.")

@@ -126,3 +126,16 @@ def test_pages_are_private_to_their_browser(app, tmp_path):
         second.get("/")
         assert second.get(url).status_code == 404
         assert "secret" not in second.get("/").text
+
+
+def test_dataset_uploads_have_their_own_size_limit(tmp_path):
+    """A dataset file may be far larger than a chat request, but not unbounded."""
+    app = create_app(make_settings(tmp_path, max_request_bytes=4000, max_import_bytes=20_000))
+    admin = {"Authorization": f"Bearer {app.state.settings.admin_token}"}
+    record = b'{"prompt": [{"role": "user", "content": "hi"}], "chosen": "x", "rejected": "y"}\n'
+    with TestClient(app) as client:
+        ok_size = client.post("/api/admin/import", headers=admin, files={"file": ("pairs.jsonl", record * 100)})
+        assert ok_size.status_code != 413, ok_size.text  # ~8 KB: over the chat limit, under the upload limit
+        too_big = client.post("/api/admin/import", headers=admin, files={"file": ("pairs.jsonl", record * 300)})
+        assert too_big.status_code == 413
+        assert "TUNELOOP_MAX_IMPORT_BYTES" in too_big.json()["error"]["message"]
