@@ -31,7 +31,7 @@ from server.models import Comparison, Feedback, Message, PreferencePair, User
 from trainer.dataset_files import FILE_FORMATS, write_records
 from trainer.dataset_formats import FORMATS, llamafactory_dataset_info, to_record
 from trainer.pairs_format import Pair
-from trainer.selection import _eligible
+from trainer.selection import eligible_pairs
 
 EXPORT_FORMATS = (*FORMATS, "feedback")
 SPLITS = ("train", "eval", "all")
@@ -152,7 +152,7 @@ def dataset_name(data_file: Path) -> str:
 def _pair_rows(
     session: Session, fmt: str, split: str, since: datetime | None, progress: Progress, report: ExportReport
 ) -> Iterable[dict[str, Any]]:
-    query = select(PreferencePair).where(_eligible()).order_by(col(PreferencePair.id))
+    query = select(PreferencePair).where(eligible_pairs()).order_by(col(PreferencePair.id))
     if split != "all":
         query = query.where(PreferencePair.split == split)
     if since is not None:

@@ -34,7 +34,7 @@ class RunSelection:
     capped: int  # new pairs left for later because of the per-user cap
 
 
-def _eligible():
+def eligible_pairs():
     """Filter out pairs an admin excluded (by user or by either message)."""
     chosen, rejected = aliased(Message), aliased(Message)
     excluded_user = exists().where(User.id == PreferencePair.user_id, User.excluded_from_training == True)  # noqa: E712
@@ -60,7 +60,7 @@ def trained_pair_ids(session: Session) -> set[int]:
 
 def count_new_pairs(session: Session) -> int:
     trained = trained_pair_ids(session)
-    ids = session.exec(select(PreferencePair.id).where(PreferencePair.split == "train", _eligible())).all()
+    ids = session.exec(select(PreferencePair.id).where(PreferencePair.split == "train", eligible_pairs())).all()
     return sum(1 for i in ids if i not in trained)
 
 
@@ -70,7 +70,7 @@ def select_for_run(
     trained = trained_pair_ids(session)
     train_pairs = session.exec(
         select(PreferencePair)
-        .where(PreferencePair.split == "train", _eligible())
+        .where(PreferencePair.split == "train", eligible_pairs())
         .order_by(col(PreferencePair.id))
     ).all()
     per_user: dict[int | None, int] = defaultdict(int)
@@ -91,7 +91,7 @@ def select_for_run(
     eval_pairs = list(
         session.exec(
             select(PreferencePair)
-            .where(PreferencePair.split == "eval", _eligible())
+            .where(PreferencePair.split == "eval", eligible_pairs())
             .order_by(col(PreferencePair.id))
         ).all()
     )
