@@ -313,7 +313,7 @@ class ConversationDetail:
     on_thread: set[int]
     feedback: dict[int, list[Feedback]]
     comparisons: list[Comparison]
-    comparison_of: dict[int, tuple[Comparison, str]]
+    comparison_of: dict[int, list[tuple[Comparison, str]]]
 
 
 def conversation_detail(session: Session, conversation: Conversation) -> ConversationDetail:
@@ -334,10 +334,10 @@ def conversation_detail(session: Session, conversation: Conversation) -> Convers
             select(Comparison).where(Comparison.conversation_id == conversation.id).order_by(col(Comparison.id))
         ).all()
     )
-    comparison_of: dict[int, tuple[Comparison, str]] = {}
+    comparison_of: dict[int, list[tuple[Comparison, str]]] = defaultdict(list)
     for comparison in comparisons:
-        comparison_of[comparison.message_a_id] = (comparison, "a")
-        comparison_of[comparison.message_b_id] = (comparison, "b")
+        comparison_of[comparison.message_a_id].append((comparison, "a"))
+        comparison_of[comparison.message_b_id].append((comparison, "b"))
     return ConversationDetail(
         conversation=conversation,
         user=session.get(User, conversation.user_id),
@@ -345,7 +345,7 @@ def conversation_detail(session: Session, conversation: Conversation) -> Convers
         on_thread={m.id for m in thread(session, conversation)},
         feedback=dict(feedback),
         comparisons=comparisons,
-        comparison_of=comparison_of,
+        comparison_of=dict(comparison_of),
     )
 
 

@@ -140,9 +140,9 @@ def daily_feedback_chart(days: Sequence[date], up: Sequence[int], down: Sequence
         positions = list(range(len(days)))
         axes.bar(positions, up, color=UP_COLOR, label="up", gid="series-up")
         axes.bar(positions, down, bottom=up, color=DOWN_COLOR, label="down", gid="series-down")
-        every = max(1, math.ceil(len(days) / 10))
-        axes.set_xticks(positions[::every], [d.strftime("%b %d") for d in days[::every]])
-        axes.set_title("Thumbs per day (UTC)", loc="left", fontsize=10)
+        every = max(1, math.ceil(len(days) / 6))
+        ticks = positions[::-1][::every][::-1]  # always label the last day
+        axes.set_xticks(ticks, [days[i].strftime("%b %d") for i in ticks])
         axes.set_ylabel("ratings")
         axes.yaxis.get_major_locator().set_params(integer=True)
         axes.grid(True, axis="y", alpha=0.3)

@@ -277,6 +277,7 @@ def test_conversation_view_is_read_only_and_shows_every_branch(admin, data):
     a1 = doc.select_one(f"li#m{data.answers['a1']}")
     assert a1.select_one(".markdown strong").text() == "bright"  # answers render as Markdown
     assert a1.select_one(".feedback-line .comment").text() == "clear and short"
+    assert [t.text() for t in a1.select(".ab-tag")] == ["A/B #1 answer A · chosen", "A/B #3 answer A"]
     assert all("sign-out" in form.classes for form in doc.select("form")) and not doc.select("[hx-post]")
     assert admin.get("/admin/conversations/9999").status_code == 404
 
@@ -400,7 +401,7 @@ def test_adapter_table_shows_evaluation_gate_and_actions(admin):
     rollback = doc.select_one(".serving form[hx-post='/admin/adapters/rollback']")
     assert "v1" in rollback.get("hx-confirm") and rollback.get("action") == "/admin/adapters/rollback"
     assert doc.select_one("#serving-now").text() == "v2"
-    assert rows["v2"].select_one("a[href='/admin/adapters/v2/lineage']").text() == "1 pairs"
+    assert rows["v2"].select_one("a[href='/admin/adapters/v2/lineage']").text() == "1 pair"
 
 
 def test_activate_through_the_confirmation_page_changes_the_db(app, admin):
