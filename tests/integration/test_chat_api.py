@@ -171,3 +171,25 @@ def test_models_and_healthz(server, client):
     assert {m.id for m in client.models.list()} >= {"tuneloop"}
     health = httpx.get(server.base_url + "/healthz").json()
     assert health == {"status": "ok", "engine": "vllm", "model": server.app.state.engine.model, "adapter": None}
+
+
+def test_metrics_count_real_answers_tokens_and_first_token_time(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = httpx.get(server.base_url + "/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = scrape()
+    stream = client.chat.completions.create(model="tuneloop", messages=HELLO, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    usage = [chunk.usage for chunk in stream if chunk.usage][0]
+    after = scrape()
+    tokens = ("tuneloop_generated_tokens_total", (("adapter", "base"),))
+    ttft = ("tuneloop_time_to_first_token_seconds_count", (("adapter", "base"),))
+    ttft_sum = ("tuneloop_time_to_first_token_seconds_sum", (("adapter", "base"),))
+    assert after[tokens] - before.get(tokens, 0) == usage.completion_tokens
+    assert after[ttft] - before.get(ttft, 0) == 1
+    assert 0 < after[ttft_sum] - before.get(ttft_sum, 0) < 60
+    assert after[("tuneloop_engine_ready", ())] == 1
