@@ -114,6 +114,10 @@ class Settings(BaseSettings):
         0.0, description="Mean log-odds margin the candidate must gain over the active adapter "
         "(strictly more than this)."
     )
+    gate_max_eval_pairs: int = Field(
+        256, ge=1, description="Most held-out pairs the gate scores: the newest half plus a random sample "
+        "of older ones, so a run's cost does not grow with the history."
+    )
     gate_sanity_tolerance: float = Field(
         0.05, ge=0.0, description="Relative sanity-set NLL increase the gate tolerates."
     )

@@ -144,7 +144,8 @@ def _run(settings: Settings, db: Engine, run_id: int) -> str:
         report = build_pairs(session, settings.eval_share)
     with session_scope(db) as session:
         selection = select_for_run(
-            session, settings.max_pairs_per_user, settings.replay_fraction, seed=run_id
+            session, settings.max_pairs_per_user, settings.replay_fraction, seed=run_id,
+            max_eval_pairs=settings.gate_max_eval_pairs,
         )
         active = active_version(session)
         parent = (active.version, active.path) if active else (None, None)

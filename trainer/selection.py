@@ -65,7 +65,8 @@ def count_new_pairs(session: Session) -> int:
 
 
 def select_for_run(
-    session: Session, max_pairs_per_user: int, replay_fraction: float, seed: int = 0
+    session: Session, max_pairs_per_user: int, replay_fraction: float, seed: int = 0,
+    max_eval_pairs: int | None = None,
 ) -> RunSelection:
     trained = trained_pair_ids(session)
     train_pairs = session.exec(
@@ -95,4 +96,18 @@ def select_for_run(
             .order_by(col(PreferencePair.id))
         ).all()
     )
+    if max_eval_pairs is not None:
+        eval_pairs = cap_eval_pairs(eval_pairs, max_eval_pairs, seed)
     return RunSelection(new=new, replay=replay, eval=eval_pairs, capped=capped)
+
+
+def cap_eval_pairs(pairs: list[PreferencePair], limit: int, seed: int = 0) -> list[PreferencePair]:
+    """At most ``limit`` held-out pairs (oldest first in, same order out): the
+    newest half of the limit, plus a seeded random sample of the older ones, so
+    the gate still checks old preferences (forgetting) while its cost stays flat
+    as the history grows."""
+    if len(pairs) <= limit:
+        return pairs
+    newest = limit - limit // 2
+    older = random.Random(seed).sample(pairs[:-newest], limit - newest)
+    return sorted(older, key=lambda p: p.id or 0) + pairs[-newest:]

@@ -23,7 +23,7 @@ from server.models import (
     utcnow,
 )
 from trainer.pairs import build_pairs, content_hash, split_for
-from trainer.selection import count_new_pairs, select_for_run
+from trainer.selection import cap_eval_pairs, count_new_pairs, select_for_run
 
 
 @pytest.fixture
@@ -184,3 +184,15 @@ def test_activate_rollback_and_failed_versions(db):
             activate(s, 9)
         statuses = {row.version: row.status for row in s.exec(select(AdapterVersion)).all()}
     assert statuses == {1: "rolled_back", 2: "rolled_back", 3: "failed"}
+
+
+def test_eval_cap_keeps_the_newest_half_and_samples_older_pairs():
+    pairs = [PreferencePair(id=i, prompt=[], chosen="c", rejected="r", source="thumbs", split="eval",
+                            content_hash=str(i)) for i in range(1, 101)]
+    capped = cap_eval_pairs(pairs, 10, seed=3)
+    ids = [p.id for p in capped]
+    assert len(ids) == 10 and ids == sorted(ids)
+    assert ids[-5:] == [96, 97, 98, 99, 100]  # the newest half
+    assert all(i < 96 for i in ids[:5])  # the rest from the older history
+    assert [p.id for p in cap_eval_pairs(pairs, 10, seed=3)] == ids  # seeded: the same run scores the same set
+    assert cap_eval_pairs(pairs[:8], 10) == pairs[:8]
