@@ -480,3 +480,23 @@ def test_api_key_needs_a_name(app, admin):
     assert response.status_code == 400
     assert "Give the key a name" in parse(response.text).select_one(".notice.error").text()
     assert db_get(app, ApiKey) == []
+
+
+def test_dataset_downloads_work_with_the_session_cookie(admin):
+    pairs = admin.get("/api/admin/export?format=trl&file_format=jsonl")
+    assert pairs.status_code == 200 and pairs.content.strip()
+    feedback = admin.get("/api/admin/export?format=feedback&file_format=jsonl")
+    assert feedback.status_code == 200 and b"rambles" in feedback.content
+
+
+def test_pair_and_conversation_filters_answer_htmx_with_their_fragment(admin, data):
+    htmx = {"HX-Request": "true", "HX-Target": "pair-results"}
+    pairs = parse(admin.get("/admin/pairs?split=eval", headers=htmx).text)
+    assert not pairs.select("nav.admin-nav")
+    assert [int(r.get("data-pair-id")) for r in pairs.select("section#pair-results tr[data-pair-id]")] == [
+        data.pairs["thumbs"]]
+    conversations = parse(admin.get(
+        "/admin/conversations?tag=vague", headers={"HX-Request": "true", "HX-Target": "conversation-results"}).text)
+    assert not conversations.select("nav.admin-nav")
+    cards = conversations.select("section#conversation-results li.conversation-card")
+    assert [int(c.get("data-conversation-id")) for c in cards] == [data.moon]
