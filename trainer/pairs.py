@@ -32,6 +32,7 @@ class BuildReport:
     added: int = 0
     added_by_source: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     duplicates: int = 0
+    already_built: int = 0  # feedback whose pair an earlier build made (not re-read: cost stays flat)
     ties: int = 0
     both_bad: int = 0
     skipped: int = 0  # unfinished, empty, identical or excluded
@@ -39,7 +40,7 @@ class BuildReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "added": self.added, "added_by_source": dict(self.added_by_source),
-            "duplicates": self.duplicates, "ties": self.ties, "both_bad": self.both_bad,
+            "duplicates": self.duplicates, "already_built": self.already_built, "ties": self.ties, "both_bad": self.both_bad,
             "skipped": self.skipped,
         }
 
@@ -116,12 +117,26 @@ def build_pairs(session: Session, eval_share: float = 0.1) -> BuildReport:
     """Add every pair the feedback supports that is not in the store yet.
     The caller commits."""
     builder = _Builder(session, eval_share)
+    # Feedback already turned into pairs is skipped before any message is loaded,
+    # so a nightly build costs what the new feedback costs, not the whole history.
+    built_comparisons = dict(session.exec(
+        select(PreferencePair.comparison_id, PreferencePair.chosen_message_id)
+        .where(col(PreferencePair.comparison_id).is_not(None))
+    ).all())
+    built_thumbs = set(session.exec(
+        select(PreferencePair.chosen_feedback_id, PreferencePair.rejected_feedback_id)
+        .where(col(PreferencePair.chosen_feedback_id).is_not(None))
+    ).all())
     for comparison in session.exec(select(Comparison).where(col(Comparison.winner).is_not(None))).all():
         if comparison.winner == "tie":
             builder.report.ties += 1
             continue
         if comparison.winner == "both_bad":
             builder.report.both_bad += 1
+            continue
+        winner_id = comparison.message_a_id if comparison.winner == "a" else comparison.message_b_id
+        if built_comparisons.get(comparison.id) == winner_id:
+            builder.report.already_built += 1
             continue
         a = session.get(Message, comparison.message_a_id)
         b = session.get(Message, comparison.message_b_id)
@@ -139,6 +154,9 @@ def build_pairs(session: Session, eval_share: float = 0.1) -> BuildReport:
     for (user_id, _parent), rated in by_context.items():
         for up_feedback, up in rated["up"]:
             for down_feedback, down in rated["down"]:
+                if (up_feedback.id, down_feedback.id) in built_thumbs:
+                    builder.report.already_built += 1
+                    continue
                 builder.add(
                     "thumbs", user_id, up, down,
                     chosen_feedback_id=up_feedback.id, rejected_feedback_id=down_feedback.id,

@@ -91,7 +91,7 @@ def test_comparisons_ties_and_idempotence(db):
         second = build_pairs(s)
         pairs = s.exec(select(PreferencePair).order_by(PreferencePair.id)).all()
     assert (first.added, first.ties, first.both_bad) == (2, 1, 1)
-    assert second.added == 0 and second.duplicates == 2
+    assert second.added == 0 and second.already_built == 2
     assert [(p.chosen, p.rejected) for p in pairs] == [("A0", "B0"), ("B1", "A1")]
 
 
