@@ -76,7 +76,14 @@ def rollback(session: Session) -> AdapterVersion | None:
     current = active_version(session)
     if current is None:
         raise AdapterError("no adapter is active (the base model serves); nothing to roll back")
-    previous = session.exec(
+    previous = rollback_target(session, current)
+    return activate(session, previous.version if previous else None, previous_becomes="rolled_back")
+
+
+def rollback_target(session: Session, current: AdapterVersion) -> AdapterVersion | None:
+    """The version a rollback from ``current`` returns to: the last one active
+    before it that was not itself rolled back from (None = the base model)."""
+    return session.exec(
         select(AdapterVersion)
         .where(
             AdapterVersion.id != current.id,
@@ -86,7 +93,6 @@ def rollback(session: Session) -> AdapterVersion | None:
         )
         .order_by(col(AdapterVersion.activated_at).desc())
     ).first()
-    return activate(session, previous.version if previous else None, previous_becomes="rolled_back")
 
 
 def mark_failed(session: Session, version: int, error: str) -> None:

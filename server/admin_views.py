@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 from sqlmodel import Session, col, func, select
 
 from server.adapter_versions import AdapterError, active_version, list_versions, parse_version
+from server.adapter_versions import rollback_target as _rollback_target
 from server.conversations import thread
 from server.models import (
     AdapterVersion,
@@ -478,21 +479,11 @@ def adapter_rows(session: Session) -> list[AdapterRow]:
 
 def rollback_target(session: Session) -> tuple[AdapterVersion | None, AdapterVersion | None]:
     """(active version, what a rollback would make active: None = base model),
-    mirroring ``server.adapter_versions.rollback``. Only for the confirmation text."""
+    as ``server.adapter_versions.rollback`` would choose it. For the confirmation text."""
     current = active_version(session)
     if current is None:
         return None, None
-    previous = session.exec(
-        select(AdapterVersion)
-        .where(
-            AdapterVersion.id != current.id,
-            col(AdapterVersion.activated_at).is_not(None),
-            AdapterVersion.status == "retired",
-            col(AdapterVersion.activated_at) < current.activated_at,
-        )
-        .order_by(col(AdapterVersion.activated_at).desc())
-    ).first()
-    return current, previous
+    return current, _rollback_target(session, current)
 
 
 def ancestry(versions: Sequence[AdapterVersion], version: int) -> list[str]:

@@ -1,33 +1,6 @@
-// tuneloop's only script: small conveniences on top of htmx. Everything works without it.
+// The chat page's conveniences on top of htmx (errors.js shows failed requests). Everything works without it.
 (function () {
   "use strict";
-
-  function showError(text) {
-    var bar = document.getElementById("error-bar");
-    if (!bar) return;
-    bar.textContent = text;
-    bar.hidden = false;
-    clearTimeout(showError.timer);
-    showError.timer = setTimeout(function () { bar.hidden = true; }, 8000);
-  }
-
-  // htmx does not swap 4xx/5xx answers: show their message instead.
-  document.addEventListener("htmx:responseError", function (evt) {
-    var xhr = evt.detail.xhr;
-    var text = "Request failed (" + xhr.status + ")";
-    try {
-      var body = JSON.parse(xhr.responseText);
-      if (body && body.error && body.error.message) text = body.error.message;
-    } catch (e) {
-      var div = document.createElement("div");
-      div.innerHTML = xhr.responseText;
-      if (div.textContent.trim()) text = div.textContent.trim();
-    }
-    showError(text);
-  });
-  document.addEventListener("htmx:sendError", function () {
-    showError("The server could not be reached. Check your connection and try again.");
-  });
 
   // A/B buttons stay disabled until both answers have finished streaming.
   function refreshComparisons() {

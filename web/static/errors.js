@@ -1,4 +1,5 @@
-// The admin dashboard's only script: show errors htmx did not swap. Every page works without it.
+// Shared by the chat and the admin pages: htmx does not swap 4xx/5xx answers,
+// so show their message in the page's #error-bar. Everything works without it.
 (function () {
   "use strict";
 
@@ -8,7 +9,7 @@
     bar.textContent = text;
     bar.hidden = false;
     clearTimeout(showError.timer);
-    showError.timer = setTimeout(function () { bar.hidden = true; }, 10000);
+    showError.timer = setTimeout(function () { bar.hidden = true; }, 8000);
   }
 
   document.addEventListener("htmx:responseError", function (evt) {
