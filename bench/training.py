@@ -12,9 +12,11 @@ End-to-end seconds (imports excluded; model load, dataset preparation,
 training, saving included) are reported too.
 
 Part 2 -- cycle cost against history: a fresh database per case holding a
-large history (pairs already trained by a promoted run, ~10 % of them eval
-pairs, inserted directly) and an active adapter, plus N new pairs from many
-users (below the per-user cap); then one real ``trainer.cycle.run_cycle``
+large history (decided A/B turns -- conversation, question, two answers,
+comparison -- already built into pairs and trained by a promoted run, ~10 % of
+them eval pairs) and an active adapter, plus N new decided A/B turns from many
+users (below the per-user cap) that the cycle builds into pairs; then one real
+``trainer.cycle.run_cycle``
 (build pairs -> select new + replay + eval -> ORPO on the active adapter ->
 evaluate candidate and active -> gate). Phases are timed by wrapping
 ``trainer.cycle``'s own functions. A control case runs the smallest N on a
@@ -219,8 +221,32 @@ def _db(settings):
     return make_engine(settings.resolved_database_url)
 
 
+def _ab_feedback(session, user, prompt: list[dict[str, str]], chosen: str, rejected: str):
+    """What one decided A/B turn leaves in the store: a conversation, the question,
+    two answers and the comparison (A won). Returns (comparison, answer A, answer B)."""
+    from server.models import Comparison, Conversation, Message, utcnow
+
+    conversation = Conversation(user_id=user.id, source="api", title=prompt[-1]["content"][:80])
+    session.add(conversation)
+    session.flush()
+    question = Message(conversation_id=conversation.id, role="user", content=prompt[-1]["content"],
+                       status="complete")
+    session.add(question)
+    session.flush()
+    a, b = (Message(conversation_id=conversation.id, parent_id=question.id, role="assistant", content=text,
+                    status="complete", finish_reason="stop") for text in (chosen, rejected))
+    session.add_all([a, b])
+    session.flush()
+    comparison = Comparison(user_id=user.id, conversation_id=conversation.id, message_a_id=a.id,
+                            message_b_id=b.id, winner="a", decided_at=utcnow())
+    session.add(comparison)
+    session.flush()
+    return comparison, a, b
+
+
 def seed_history(db, history: int, eval_share: float, adapter_path: str) -> dict:
-    """``history`` pairs, all trained by one promoted run whose adapter is active."""
+    """``history`` decided A/B turns already built into pairs, all trained by one
+    promoted run whose adapter is active -- what months of feedback leave behind."""
     from server.db import session_scope
     from server.models import AdapterVersion, PreferencePair, TrainingRun, TrainingRunPair, User, utcnow
     from trainer.pairs import content_hash, split_for
@@ -232,10 +258,13 @@ def seed_history(db, history: int, eval_share: float, adapter_path: str) -> dict
         rows = []
         for i in range(history):
             prompt, chosen, rejected = synthetic_pair(i, seed=2)
+            user = users[i % len(users)]
+            comparison, a, b = _ab_feedback(session, user, prompt, chosen, rejected)
             digest = content_hash(prompt, chosen, rejected)
             rows.append(PreferencePair(
-                prompt=prompt, chosen=chosen, rejected=rejected, source="import",
-                split=split_for(digest, eval_share), content_hash=digest, user_id=users[i % len(users)].id,
+                prompt=prompt, chosen=chosen, rejected=rejected, source="comparison",
+                split=split_for(digest, eval_share), content_hash=digest, user_id=user.id,
+                comparison_id=comparison.id, chosen_message_id=a.id, rejected_message_id=b.id,
             ))
         session.add_all(rows)
         session.flush()
@@ -250,10 +279,11 @@ def seed_history(db, history: int, eval_share: float, adapter_path: str) -> dict
 
 
 def add_new_pairs(db, new_train: int, eval_share: float, per_user: int = 40) -> dict:
-    """New pairs from many users until ``new_train`` of them are in the train split
+    """New decided A/B turns from many users (not yet built into pairs: the cycle's
+    build step does that) until ``new_train`` of them will land in the train split
     (the eval-split ones that come along are kept: that is what feedback does)."""
     from server.db import session_scope
-    from server.models import PreferencePair, User
+    from server.models import User
     from trainer.pairs import content_hash, split_for
 
     with session_scope(db) as session:
@@ -264,26 +294,23 @@ def add_new_pairs(db, new_train: int, eval_share: float, per_user: int = 40) -> 
         i = 0
         while train < new_train:
             prompt, chosen, rejected = synthetic_pair(i, seed=3)
-            digest = content_hash(prompt, chosen, rejected)
-            split = split_for(digest, eval_share)
-            session.add(PreferencePair(
-                prompt=prompt, chosen=chosen, rejected=rejected, source="comparison", split=split,
-                content_hash=digest, user_id=users[train // per_user if split == "train" else 0].id,
-            ))
+            split = split_for(content_hash(prompt, chosen, rejected), eval_share)
+            _ab_feedback(session, users[train // per_user if split == "train" else 0], prompt, chosen, rejected)
             train += split == "train"
             evals += split == "eval"
             i += 1
         return {"train": train, "eval": evals}
 
 
-def one_cycle(history: int, new: int, adapter_path: str, root: Path) -> dict:
+def one_cycle(history: int, new: int, adapter_path: str, root: Path, epochs: float = 2.0) -> dict:
     import trainer.cycle as cycle
     from server import leases
     from server.db import session_scope
     from server.models import TrainingRun
     from server.settings import Settings
 
-    settings = Settings(data_dir=root / f"h{history}-n{new}", model=DEFAULT_MODEL, engine="fake", scheduler=False)
+    settings = Settings(data_dir=root / f"h{history}-n{new}", model=DEFAULT_MODEL, engine="fake", scheduler=False,
+                        train_epochs=epochs)
     db = _db(settings)
     t0 = time.perf_counter()
     hist = seed_history(db, history, settings.eval_share, adapter_path)
@@ -343,6 +370,9 @@ def main() -> None:
     parser.add_argument("--worker", choices=["tuneloop", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--skip-throughput", action="store_true", help="part 2 only (trains its own active adapter)")
+    parser.add_argument("--new", help="comma-separated new-pair counts for part 2 (default: the mode's)")
+    parser.add_argument("--history", type=int, help="history pairs for part 2 (default: the mode's)")
+    parser.add_argument("--epochs", type=float, default=2.0, help="TUNELOOP_TRAIN_EPOCHS for part 2 (default 2)")
     args = parser.parse_args()
     emit = claim_stdout()
     if args.worker:
@@ -351,7 +381,12 @@ def main() -> None:
         return
 
     mode = "quick" if args.quick else "full"
-    cfg = MODES[mode]
+    cfg = dict(MODES[mode])
+    if args.new:
+        cfg["new"] = [int(n) for n in args.new.split(",")]
+    if args.history:
+        cfg["history"] = args.history
+        cfg["control_history"] = max(1, args.history // 10)
     started = time.monotonic()
     load_start = os.getloadavg()
     workdir = temp_data_dir("training")
@@ -371,7 +406,7 @@ def main() -> None:
         cases = [(cfg["history"], n) for n in cfg["new"]] + [(cfg["control_history"], cfg["new"][0])]
         for history, new in cases:
             log("cycle: %d new pairs on %d history", new, history)
-            result = one_cycle(history, new, adapter, workdir)
+            result = one_cycle(history, new, adapter, workdir, args.epochs)
             log("  %s", result)
             cycles.append(result)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported in the summary line
@@ -400,7 +435,8 @@ def main() -> None:
             (a["build_pairs_s"] + a["select_s"]) / max(1e-3, c["build_pairs_s"] + c["select_s"]), 2)
     shutil.rmtree(workdir, ignore_errors=True)
     emit({
-        "bench": "training", "mode": mode, "ok": error is None, "error": error,
+        "bench": "training", "mode": mode, "ok": error is None, "error": error, "part2_epochs": args.epochs,
+        "part2_history": cfg["history"], "part2_new": cfg["new"],
         "throughput": tp, "cycles": cycles, "scaling": scaling,
         "seconds": round(time.monotonic() - started, 1),
         "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
