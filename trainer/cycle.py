@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from server import leases
 from server.adapter_versions import activate, active_version, next_version_number
 from server.db import make_engine, session_scope
-from server.models import AdapterVersion, TrainingRun, TrainingRunPair, utcnow
+from server.models import AdapterVersion, Message, TrainingRun, TrainingRunPair, utcnow
 from server.settings import Settings
 from trainer.pairs import build_pairs
 from trainer.selection import RunSelection, select_for_run
@@ -103,10 +103,20 @@ def _update_run(db: Engine, run_id: int, **fields: Any) -> None:
         session.add(run)
 
 
-def _as_training_pairs(rows) -> list:
+def _as_training_pairs(session: Session, rows) -> list:
+    """Pairs for the trainer; an answer that stopped at its token limit is marked
+    incomplete (trained and scored without an end-of-turn token)."""
     from trainer.pairs_format import Pair
 
-    return [Pair(prompt=r.prompt, chosen=r.chosen, rejected=r.rejected, pair_id=r.id) for r in rows]
+    message_ids = {i for r in rows for i in (r.chosen_message_id, r.rejected_message_id) if i is not None}
+    cut = set(session.exec(
+        select(Message.id).where(col(Message.id).in_(message_ids), Message.finish_reason == "length")
+    ).all()) if message_ids else set()
+    return [
+        Pair(prompt=r.prompt, chosen=r.chosen, rejected=r.rejected, pair_id=r.id,
+             chosen_complete=r.chosen_message_id not in cut, rejected_complete=r.rejected_message_id not in cut)
+        for r in rows
+    ]
 
 
 def _record_selection(session: Session, run_id: int, selection: RunSelection) -> None:
@@ -162,8 +172,8 @@ def _run(settings: Settings, db: Engine, run_id: int) -> str:
             return "skipped"
         _record_selection(session, run_id, selection)
         version = next_version_number(session)
-        train_pairs = _as_training_pairs(selection.new + selection.replay)
-        eval_pairs = _as_training_pairs(selection.eval)
+        train_pairs = _as_training_pairs(session, selection.new + selection.replay)
+        eval_pairs = _as_training_pairs(session, selection.eval)
         run = session.get(TrainingRun, run_id)
         run.parent_version = parent[0]
         run.metrics = {"pairs": pairs_info, "steps": []}

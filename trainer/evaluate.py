@@ -98,8 +98,8 @@ def evaluate_model(
 
     items = []
     for pair in eval_pairs:
-        items.append((pair.prompt, pair.chosen))
-        items.append((pair.prompt, pair.rejected))
+        items.append((pair.prompt, pair.chosen, pair.chosen_complete))
+        items.append((pair.prompt, pair.rejected, pair.rejected_complete))
     for example in sanity:
         items.append((example["messages"][:-1], example["messages"][-1]["content"]))
     scores = score_answers(model, tokenizer, items, batch_size=batch_size, max_length=max_length)
@@ -148,15 +148,17 @@ def load_model(base_model: str, adapter: str | None) -> tuple[Any, Any]:
 def score_answers(
     model: Any,
     tokenizer: Any,
-    items: list[tuple[list[dict[str, str]], str]],
+    items: list[tuple[list[dict[str, str]], str] | tuple[list[dict[str, str]], str, bool]],
     *,
     batch_size: int = 8,
     max_length: int = 1024,
 ) -> list[tuple[float, int]]:
-    """For each ``(prompt messages, answer text)``: (sum of answer-token log-probs, answer token count)."""
+    """For each ``(prompt messages, answer text[, complete])``: (sum of answer-token
+    log-probs, answer token count). An incomplete answer (cut at its token limit)
+    is scored without the end-of-turn token."""
     import torch
 
-    encoded = [_encode(tokenizer, prompt, answer, max_length) for prompt, answer in items]
+    encoded = [_encode(tokenizer, item[0], item[1], max_length, *item[2:]) for item in items]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]), reverse=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
@@ -185,10 +187,13 @@ def score_answers(
     return results
 
 
-def _encode(tokenizer: Any, prompt: list[dict[str, str]], answer: str, max_length: int) -> tuple[list[int], int]:
+def _encode(
+    tokenizer: Any, prompt: list[dict[str, str]], answer: str, max_length: int, complete: bool = True
+) -> tuple[list[int], int]:
     prompt_text = render_prompt(tokenizer, prompt, max_tokens=max(1, max_length * 3 // 4))
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(prompt_text + render_answer(tokenizer, answer), add_special_tokens=False)["input_ids"]
+    answer_text = render_answer(tokenizer, answer, complete)
+    full_ids = tokenizer(prompt_text + answer_text, add_special_tokens=False)["input_ids"]
     answer_start = 0
     for a, b in zip(prompt_ids, full_ids, strict=False):
         if a != b:

@@ -150,8 +150,8 @@ def build_dataset(pairs: list[Pair], tokenizer: Any, config: TrainConfig) -> Any
         rows.append(
             {
                 "prompt": prompt,
-                "chosen": render_answer(tokenizer, pair.chosen),
-                "rejected": render_answer(tokenizer, pair.rejected),
+                "chosen": render_answer(tokenizer, pair.chosen, pair.chosen_complete),
+                "rejected": render_answer(tokenizer, pair.rejected, pair.rejected_complete),
             }
         )
     return Dataset.from_list(rows)

@@ -40,7 +40,8 @@ class BuildReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "added": self.added, "added_by_source": dict(self.added_by_source),
-            "duplicates": self.duplicates, "already_built": self.already_built, "ties": self.ties, "both_bad": self.both_bad,
+            "duplicates": self.duplicates, "already_built": self.already_built,
+            "ties": self.ties, "both_bad": self.both_bad,
             "skipped": self.skipped,
         }
 
@@ -85,7 +86,9 @@ class _Builder:
             )
         return self._contexts[message.parent_id]
 
-    def add(self, source: str, user_id: int | None, chosen: Message | None, rejected: Message | None, **refs: Any) -> None:
+    def add(
+        self, source: str, user_id: int | None, chosen: Message | None, rejected: Message | None, **refs: Any
+    ) -> None:
         if not (_usable(chosen) and _usable(rejected)) or user_id in self.excluded_users:
             self.report.skipped += 1
             return

@@ -22,12 +22,17 @@ class Pair:
     ``prompt`` is the conversation so far as chat messages
     (``{"role": ..., "content": ...}``), ending with a user message;
     ``chosen`` is the preferred answer's text, ``rejected`` the other one.
+    ``chosen_complete``/``rejected_complete`` are False for an answer that was
+    cut at its token limit: it is trained and scored without the end-of-turn
+    token, so the model is not taught to stop in mid-sentence.
     """
 
     prompt: list[dict[str, str]]
     chosen: str
     rejected: str
     pair_id: int | None = None
+    chosen_complete: bool = True
+    rejected_complete: bool = True
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -101,8 +106,10 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], max_tokens: in
     return rendered
 
 
-def render_answer(tokenizer: Any, content: str) -> str:
-    """An assistant answer as the model produces it: the text, then the end-of-turn token."""
+def render_answer(tokenizer: Any, content: str, complete: bool = True) -> str:
+    """An assistant answer as the model produces it: the text, then the end-of-turn
+    token -- unless the answer was cut at its token limit (``complete=False``):
+    the model did not end it there, and must not learn to."""
     if not tokenizer.eos_token:
         raise ValueError("the tokenizer has no end-of-turn (eos) token; tuneloop needs one to train and score answers")
-    return content + tokenizer.eos_token
+    return content + tokenizer.eos_token if complete else content

@@ -261,3 +261,21 @@ def test_gate_rejects_a_candidate_with_nan_scores():
     active = EvalMetrics(preference_accuracy=0.5, mean_margin=0.1, chosen_nll=1.0, sanity_nll=1.0, pairs=4)
     decision = gate(candidate, active, TrainConfig(gate_min_margin_gain=-1e9, gate_sanity_nll_tolerance=100))
     assert not decision.promote and any("not finite" in r for r in decision.reasons)
+
+
+def test_answers_cut_at_the_token_limit_get_no_end_of_turn(model_ready):
+    """A truncated answer must not teach the model to stop in mid-sentence: no
+    end-of-turn token in training or scoring (the model pays for one otherwise)."""
+    from transformers import AutoTokenizer
+
+    from trainer.evaluate import load_model, score_answers
+
+    tokenizer = AutoTokenizer.from_pretrained(model_ready)
+    text = "Oslo is the capital of Norway and"
+    assert render_answer(tokenizer, text) == text + tokenizer.eos_token
+    assert render_answer(tokenizer, text, complete=False) == text
+    model, tokenizer = load_model(model_ready, None)
+    prompt = [{"role": "user", "content": "What is the capital of Norway?"}]
+    (full, full_n), (cut, cut_n) = score_answers(model, tokenizer, [(prompt, text), (prompt, text, False)])
+    assert cut_n == full_n - 1  # one token fewer: the end of turn
+    assert cut > full  # ending there was unlikely, and it is no longer charged

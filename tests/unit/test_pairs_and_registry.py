@@ -196,3 +196,20 @@ def test_eval_cap_keeps_the_newest_half_and_samples_older_pairs():
     assert all(i < 96 for i in ids[:5])  # the rest from the older history
     assert [p.id for p in cap_eval_pairs(pairs, 10, seed=3)] == ids  # seeded: the same run scores the same set
     assert cap_eval_pairs(pairs[:8], 10) == pairs[:8]
+
+
+def test_training_pairs_mark_answers_cut_at_the_token_limit(db):
+    from trainer.cycle import _as_training_pairs
+
+    with session_scope(db) as s:
+        user = make_user(s)
+        _, _, (a, b) = context_with_answers(s, user, ["Short and done.", "A long answer that was cut"])
+        b.finish_reason = "length"
+        a.finish_reason = "stop"
+        s.add(Comparison(user_id=user.id, conversation_id=a.conversation_id,
+                         message_a_id=a.id, message_b_id=b.id, winner="a"))
+        s.flush()
+        build_pairs(s)
+        (pair,) = _as_training_pairs(s, s.exec(select(PreferencePair)).all())
+    assert (pair.chosen, pair.chosen_complete) == ("Short and done.", True)
+    assert (pair.rejected, pair.rejected_complete) == ("A long answer that was cut", False)
