@@ -119,7 +119,8 @@ class Settings(BaseSettings):
         "of older ones, so a run's cost does not grow with the history."
     )
     gate_sanity_tolerance: float = Field(
-        0.05, ge=0.0, description="Relative sanity-set NLL increase the gate tolerates."
+        0.05, ge=0.0, description="Sanity-set NLL a candidate may have above the base model's "
+        "(relative): a fixed budget, so drift cannot compound over promotions."
     )
     run_timeout_minutes: int = Field(
         120, ge=1, description="A training run still going after this long is killed and failed."

@@ -263,7 +263,12 @@ def _evaluate(settings, active_path, candidate_path, eval_pairs, config):
         settings.model, str(candidate_path), eval_pairs, sanity, batch_size=config.eval_batch_size
     )
     active = evaluate_model(settings.model, active_path, eval_pairs, sanity, batch_size=config.eval_batch_size)
-    decision = gate(candidate, active, config)
+    # The sanity budget is measured from the base model, so drift cannot compound
+    # over promotions (the base needs only the sanity set: a few seconds).
+    base_sanity = active.sanity_nll if active_path is None else evaluate_model(
+        settings.model, None, [], sanity, batch_size=config.eval_batch_size
+    ).sanity_nll
+    decision = gate(candidate, active, config, base_sanity_nll=base_sanity)
     return (
         {"promote": decision.promote, "reasons": list(decision.reasons), "numbers": decision.numbers},
         asdict(candidate),

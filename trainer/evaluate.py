@@ -205,13 +205,18 @@ def _encode(
     return full_ids, answer_start
 
 
-def gate(candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig) -> GateDecision:
+def gate(
+    candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig, base_sanity_nll: float | None = None
+) -> GateDecision:
     """Decide whether ``candidate`` replaces ``active`` (the adapter in service, or the bare base model).
 
     Promote only if, on the same held-out pairs, the candidate's preference
     accuracy is at least the active one's plus ``gate_min_accuracy_gain``, its
-    mean margin is higher by more than ``gate_min_margin_gain``, and its sanity NLL is at most the active
-    one's times ``1 + gate_sanity_nll_tolerance``. With zero held-out pairs,
+    mean margin is higher by more than ``gate_min_margin_gain``, and its sanity
+    NLL is at most the base model's (``base_sanity_nll``; the active one's if
+    not given) times ``1 + gate_sanity_nll_tolerance``. Anchoring to the base
+    model keeps the drift from compounding: five promotions that each lose 4 %
+    would otherwise add up to 22 %. With zero held-out pairs,
     never promote. Raises ``ValueError`` if the two were scored on different
     numbers of pairs (then they cannot be compared).
     """
@@ -220,7 +225,10 @@ def gate(candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig) -> Ga
             f"candidate was scored on {candidate.pairs} held-out pairs and the active adapter on {active.pairs}; "
             "score both on the same pairs"
         )
-    max_sanity = active.sanity_nll * (1 + config.gate_sanity_nll_tolerance)
+    reference, reference_name = (
+        (active.sanity_nll, "active") if base_sanity_nll is None else (base_sanity_nll, "base model")
+    )
+    max_sanity = reference * (1 + config.gate_sanity_nll_tolerance)
     numbers: dict[str, float | None] = {
         "pairs": candidate.pairs,
         "candidate_accuracy": candidate.preference_accuracy,
@@ -232,6 +240,7 @@ def gate(candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig) -> Ga
         "active_chosen_nll": active.chosen_nll,
         "candidate_sanity_nll": candidate.sanity_nll,
         "active_sanity_nll": active.sanity_nll,
+        "base_sanity_nll": base_sanity_nll,
         "max_sanity_nll": max_sanity,
     }
     failures = []
@@ -264,7 +273,7 @@ def gate(candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig) -> Ga
     if candidate.sanity_nll > max_sanity + FLOAT_SLACK:
         failures.append(
             f"general answers got worse: sanity-set NLL is {candidate.sanity_nll:.4f}, above the allowed "
-            f"{max_sanity:.4f} (active {active.sanity_nll:.4f} + {config.gate_sanity_nll_tolerance:.0%})"
+            f"{max_sanity:.4f} ({reference_name} {reference:.4f} + {config.gate_sanity_nll_tolerance:.0%})"
         )
     if failures:
         return GateDecision(promote=False, reasons=failures, numbers=numbers)

@@ -226,6 +226,19 @@ def test_gate_refuses_a_sanity_regression():
     assert decision.reasons == [next(r for r in decision.reasons if "general answers got worse" in r)]
 
 
+def test_gate_measures_the_sanity_budget_from_the_base_model():
+    """Drift must not compound: an active adapter already 4 % worse than the base
+    leaves a candidate only 1 % more, not another 5 %."""
+    config = TrainConfig(gate_sanity_nll_tolerance=0.05)
+    candidate, active = metrics(0.9, 0.9, 1.08), metrics(0.6, 0.1, 1.04)
+    assert gate(candidate, active, config).promote  # relative to the active one: 1.08 <= 1.092
+    decision = gate(candidate, active, config, base_sanity_nll=1.0)
+    assert not decision.promote
+    assert "base model 1.0000 + 5%" in decision.reasons[0]
+    assert decision.numbers["max_sanity_nll"] == 1.05
+    assert gate(metrics(0.9, 0.9, 1.045), active, config, base_sanity_nll=1.0).promote
+
+
 def test_gate_requires_the_configured_accuracy_gain():
     config = TrainConfig(gate_min_accuracy_gain=0.1)
     assert not gate(metrics(0.65, 0.5, 1.0), metrics(0.6, 0.1, 1.0), config).promote
