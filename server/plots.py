@@ -88,6 +88,20 @@ def _figure() -> Figure:
     return figure
 
 
+SMOOTH_FROM = 20  # steps from which a chart adds a moving average
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (shorter at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def step_chart(chart: StepChart, steps: Sequence[Mapping[str, Any]], svg_id: str | None = None) -> Markup | None:
     """A line chart of ``chart.keys`` over the steps (x: ``step``), or None when
     no step has any of those keys. Non-numeric and non-finite values are skipped."""
@@ -106,13 +120,18 @@ def step_chart(chart: StepChart, steps: Sequence[Mapping[str, Any]], svg_id: str
         figure = _figure()
         axes = figure.axes[0]
         for color, (key, (xs, ys)) in zip(COLORS, series.items(), strict=False):
-            axes.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, linewidth=1.6,
-                      color=color, label=key, gid=f"series-{_slug(key)}")
+            noisy = len(xs) >= SMOOTH_FROM
+            axes.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, linewidth=1.0 if noisy else 1.6,
+                      alpha=0.35 if noisy else 1.0, color=color, label=None if noisy else key,
+                      gid=f"series-{_slug(key)}")
+            if noisy:  # per-step values of small batches jump around: show the trend over them
+                axes.plot(xs, moving_average(ys, max(3, len(ys) // 10)), linewidth=2.0, color=color,
+                          label=f"{key} (moving average)", gid=f"trend-{_slug(key)}")
         axes.set_title(chart.title, loc="left", fontsize=10)
         axes.set_xlabel("step")
         axes.set_ylabel(chart.ylabel)
         axes.grid(True, alpha=0.3)
-        if len(series) > 1:
+        if len(series) > 1 or any(len(xs) >= SMOOTH_FROM for xs, _ in series.values()):
             axes.legend(frameon=False, fontsize=8)
         if chart.slug == "accuracy":
             axes.set_ylim(-0.05, 1.05)

@@ -500,3 +500,14 @@ def test_pair_and_conversation_filters_answer_htmx_with_their_fragment(admin, da
     assert not conversations.select("nav.admin-nav")
     cards = conversations.select("section#conversation-results li.conversation-card")
     assert [int(c.get("data-conversation-id")) for c in cards] == [data.moon]
+
+
+def test_long_runs_get_a_moving_average_over_the_noisy_steps():
+    from server.plots import ORPO_CHARTS, moving_average, step_chart
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3) == [1.0, 1.5, 2.0, 3.0, 4.0, 5.0]
+    loss = next(chart for chart in ORPO_CHARTS if "loss" in chart.keys)
+    few = str(step_chart(loss, [{"step": i, "loss": 2.0 - i / 10} for i in range(1, 6)]))
+    many = str(step_chart(loss, [{"step": i, "loss": 2.0 + (-1) ** i} for i in range(1, 41)]))
+    assert 'id="trend-loss"' not in few and 'id="series-loss"' in few
+    assert 'id="trend-loss"' in many and "moving average" in many
