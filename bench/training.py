@@ -373,6 +373,7 @@ def main() -> None:
     parser.add_argument("--new", help="comma-separated new-pair counts for part 2 (default: the mode's)")
     parser.add_argument("--history", type=int, help="history pairs for part 2 (default: the mode's)")
     parser.add_argument("--epochs", type=float, default=2.0, help="TUNELOOP_TRAIN_EPOCHS for part 2 (default 2)")
+    parser.add_argument("--reps", type=int, help="throughput repetitions per side (default: the mode's)")
     args = parser.parse_args()
     emit = claim_stdout()
     if args.worker:
@@ -384,6 +385,8 @@ def main() -> None:
     cfg = dict(MODES[mode])
     if args.new:
         cfg["new"] = [int(n) for n in args.new.split(",")]
+    if args.reps:
+        cfg["throughput_reps"] = args.reps
     if args.history:
         cfg["history"] = args.history
         cfg["control_history"] = max(1, args.history // 10)
