@@ -406,7 +406,10 @@ def main() -> None:
         else:
             tp, adapter = throughput(cfg, workdir)
             log("throughput: %s", tp)
-        cases = [(cfg["history"], n) for n in cfg["new"]] + [(cfg["control_history"], cfg["new"][0])]
+        # the control (smallest N on a 10x smaller history) right after the smallest N,
+        # so an interrupted run (Ctrl-C still prints the summary) has both sides
+        cases = [(cfg["history"], cfg["new"][0]), (cfg["control_history"], cfg["new"][0])]
+        cases += [(cfg["history"], n) for n in cfg["new"][1:]]
         for history, new in cases:
             log("cycle: %d new pairs on %d history", new, history)
             result = one_cycle(history, new, adapter, workdir, args.epochs)
