@@ -221,27 +221,40 @@ def _db(settings):
     return make_engine(settings.resolved_database_url)
 
 
-def _ab_feedback(session, user, prompt: list[dict[str, str]], chosen: str, rejected: str):
-    """What one decided A/B turn leaves in the store: a conversation, the question,
-    two answers and the comparison (A won). Returns (comparison, answer A, answer B)."""
+def _ab_turns(session, turns: list[tuple[int, list[dict[str, str]], str, str]]) -> list[tuple[int, int, int]]:
+    """What decided A/B turns leave in the store -- per ``(user id, prompt, chosen,
+    rejected)``: a conversation, the question, two answers, the comparison (A won).
+    Rows get their ids up front so thousands go in as a few batched INSERTs.
+    Returns ``(comparison id, answer A id, answer B id)`` per turn."""
+    from sqlalchemy import func
+
     from server.models import Comparison, Conversation, Message, utcnow
 
-    conversation = Conversation(user_id=user.id, source="api", title=prompt[-1]["content"][:80])
-    session.add(conversation)
-    session.flush()
-    question = Message(conversation_id=conversation.id, role="user", content=prompt[-1]["content"],
-                       status="complete")
-    session.add(question)
-    session.flush()
-    a, b = (Message(conversation_id=conversation.id, parent_id=question.id, role="assistant", content=text,
-                    status="complete", finish_reason="stop") for text in (chosen, rejected))
-    session.add_all([a, b])
-    session.flush()
-    comparison = Comparison(user_id=user.id, conversation_id=conversation.id, message_a_id=a.id,
-                            message_b_id=b.id, winner="a", decided_at=utcnow())
-    session.add(comparison)
-    session.flush()
-    return comparison, a, b
+    def next_id(model) -> int:
+        return (session.exec(select_max(model)).one() or 0) + 1
+
+    def select_max(model):
+        from sqlmodel import select
+
+        return select(func.max(model.id))
+
+    conv0, msg0, cmp0 = next_id(Conversation), next_id(Message), next_id(Comparison)
+    now = utcnow()
+    conversations, messages, comparisons, ids = [], [], [], []
+    for k, (user_id, prompt, chosen, rejected) in enumerate(turns):
+        conv, q, a, b, c = conv0 + k, msg0 + 3 * k, msg0 + 3 * k + 1, msg0 + 3 * k + 2, cmp0 + k
+        conversations.append(Conversation(id=conv, user_id=user_id, source="api", title=prompt[-1]["content"][:80]))
+        messages.append(Message(id=q, conversation_id=conv, role="user", content=prompt[-1]["content"],
+                                status="complete"))
+        messages += [Message(id=i, conversation_id=conv, parent_id=q, role="assistant", content=text,
+                             status="complete", finish_reason="stop") for i, text in ((a, chosen), (b, rejected))]
+        comparisons.append(Comparison(id=c, user_id=user_id, conversation_id=conv, message_a_id=a, message_b_id=b,
+                                      winner="a", decided_at=now))
+        ids.append((c, a, b))
+    for rows in (conversations, messages, comparisons):
+        session.add_all(rows)
+        session.flush()
+    return ids
 
 
 def seed_history(db, history: int, eval_share: float, adapter_path: str) -> dict:
@@ -255,16 +268,15 @@ def seed_history(db, history: int, eval_share: float, adapter_path: str) -> dict
         users = [User(kind="api", name=f"history-{i}") for i in range(50)]
         session.add_all(users)
         session.flush()
+        turns = [(users[i % len(users)].id, *synthetic_pair(i, seed=2)) for i in range(history)]
         rows = []
-        for i in range(history):
-            prompt, chosen, rejected = synthetic_pair(i, seed=2)
-            user = users[i % len(users)]
-            comparison, a, b = _ab_feedback(session, user, prompt, chosen, rejected)
+        made = _ab_turns(session, turns)
+        for (user_id, prompt, chosen, rejected), (comparison_id, a, b) in zip(turns, made, strict=True):
             digest = content_hash(prompt, chosen, rejected)
             rows.append(PreferencePair(
                 prompt=prompt, chosen=chosen, rejected=rejected, source="comparison",
-                split=split_for(digest, eval_share), content_hash=digest, user_id=user.id,
-                comparison_id=comparison.id, chosen_message_id=a.id, rejected_message_id=b.id,
+                split=split_for(digest, eval_share), content_hash=digest, user_id=user_id,
+                comparison_id=comparison_id, chosen_message_id=a, rejected_message_id=b,
             ))
         session.add_all(rows)
         session.flush()
@@ -292,13 +304,15 @@ def add_new_pairs(db, new_train: int, eval_share: float, per_user: int = 40) -> 
         session.flush()
         train = evals = 0
         i = 0
+        turns = []
         while train < new_train:
             prompt, chosen, rejected = synthetic_pair(i, seed=3)
             split = split_for(content_hash(prompt, chosen, rejected), eval_share)
-            _ab_feedback(session, users[train // per_user if split == "train" else 0], prompt, chosen, rejected)
+            turns.append((users[train // per_user if split == "train" else 0].id, prompt, chosen, rejected))
             train += split == "train"
             evals += split == "eval"
             i += 1
+        _ab_turns(session, turns)
         return {"train": train, "eval": evals}
 
 
