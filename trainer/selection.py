@@ -19,7 +19,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import and_, exists, or_
+from sqlalchemy import and_, exists
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
@@ -35,16 +35,20 @@ class RunSelection:
 
 
 def eligible_pairs():
-    """Filter out pairs an admin excluded (by user or by either message)."""
-    chosen, rejected = aliased(Message), aliased(Message)
+    """Filter out pairs an admin excluded (by user or by either message).
+
+    One EXISTS per message, each an index lookup: a single EXISTS over both
+    messages with OR made SQLite join messages x messages per pair (minutes at
+    5000 pairs)."""
     excluded_user = exists().where(User.id == PreferencePair.user_id, User.excluded_from_training == True)  # noqa: E712
-    excluded_message = exists().where(
-        or_(
-            and_(chosen.id == PreferencePair.chosen_message_id, chosen.excluded_from_training == True),  # noqa: E712
-            and_(rejected.id == PreferencePair.rejected_message_id, rejected.excluded_from_training == True),  # noqa: E712
+    excluded_chosen, excluded_rejected = (
+        exists().where(message.id == column, message.excluded_from_training == True)  # noqa: E712
+        for message, column in (
+            (aliased(Message), PreferencePair.chosen_message_id),
+            (aliased(Message), PreferencePair.rejected_message_id),
         )
     )
-    return and_(~excluded_user, ~excluded_message)
+    return and_(~excluded_user, ~excluded_chosen, ~excluded_rejected)
 
 
 def trained_pair_ids(session: Session) -> set[int]:
