@@ -122,57 +122,41 @@ class DatabaseCollector(Collector):
         return []  # don't query the database when the collector is registered
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("tuneloop_database_up", "1 when the metrics queries succeeded")
         try:
             with Session(self.db) as session:
-                yield from self._families(session)
+                families = list(self._families(session))
         except Exception:  # a locked or unreachable DB must not break /metrics
             log.exception("could not read metrics from the database")
-            up = GaugeMetricFamily("tuneloop_database_up", "1 when the metrics queries succeeded")
-            up.add_metric([], 0.0)
-            yield up
-            return
-        up = GaugeMetricFamily("tuneloop_database_up", "1 when the metrics queries succeeded")
-        up.add_metric([], 1.0)
+            families = []
+        up.add_metric([], 1.0 if families else 0.0)
+        yield from families
         yield up
 
     def _families(self, session: Session) -> Iterator[GaugeMetricFamily]:
-        pairs = GaugeMetricFamily("tuneloop_preference_pairs", "Preference pairs stored", labels=["split", "source"])
-        rows = session.exec(
-            select(PreferencePair.split, PreferencePair.source, func.count()).group_by(
-                PreferencePair.split, PreferencePair.source
-            )
-        ).all()
-        for split, source, count in rows:
-            pairs.add_metric([split, source], count)
-        yield pairs
-
-        runs = GaugeMetricFamily("tuneloop_training_runs", "Training runs by status (outcome)", labels=["status"])
-        for status, count in session.exec(select(TrainingRun.status, func.count()).group_by(TrainingRun.status)):
-            runs.add_metric([status], count)
-        yield runs
-
-        versions = GaugeMetricFamily("tuneloop_adapter_versions", "Adapter versions by status", labels=["status"])
-        for status, count in session.exec(select(AdapterVersion.status, func.count()).group_by(AdapterVersion.status)):
-            versions.add_metric([status], count)
-        row = session.exec(select(AdapterVersion.version).where(AdapterVersion.status == "active")).first()
-        active = row or 0
-        yield versions
-
+        yield _grouped_counts(session, "tuneloop_preference_pairs", "Preference pairs stored",
+                              PreferencePair.split, PreferencePair.source)
+        yield _grouped_counts(session, "tuneloop_training_runs", "Training runs by status (outcome)",
+                              TrainingRun.status)
+        yield _grouped_counts(session, "tuneloop_adapter_versions", "Adapter versions by status",
+                              AdapterVersion.status)
+        active = session.exec(select(AdapterVersion.version).where(AdapterVersion.status == "active")).first()
         active_family = GaugeMetricFamily(
             "tuneloop_active_adapter_version", "Version the database calls active (0 = base model)"
         )
-        active_family.add_metric([], active)
+        active_family.add_metric([], active or 0)
         yield active_family
+        yield _grouped_counts(session, "tuneloop_feedback", "Thumbs stored, by rating", Feedback.rating)
+        yield _grouped_counts(session, "tuneloop_comparisons", "A/B comparisons, by outcome", Comparison.winner,
+                              none_as="undecided")
 
-        ratings = GaugeMetricFamily("tuneloop_feedback", "Thumbs stored, by rating", labels=["rating"])
-        for rating, count in session.exec(select(Feedback.rating, func.count()).group_by(Feedback.rating)):
-            ratings.add_metric([rating], count)
-        yield ratings
 
-        choices = GaugeMetricFamily("tuneloop_comparisons", "A/B comparisons, by outcome", labels=["winner"])
-        for winner, count in session.exec(select(Comparison.winner, func.count()).group_by(Comparison.winner)):
-            choices.add_metric([winner or "undecided"], count)
-        yield choices
+def _grouped_counts(session: Session, name: str, documentation: str, *columns, none_as: str = "") -> GaugeMetricFamily:
+    """One gauge sample per distinct value of ``columns`` (labelled by the column names): its row count."""
+    family = GaugeMetricFamily(name, documentation, labels=[column.key for column in columns])
+    for *values, count in session.exec(select(*columns, func.count()).group_by(*columns)):
+        family.add_metric([none_as if value is None else str(value) for value in values], count)
+    return family
 
 
 class RequestMetrics:
