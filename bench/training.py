@@ -227,16 +227,12 @@ def _ab_turns(session, turns: list[tuple[int, list[dict[str, str]], str, str]]) 
     Rows get their ids up front so thousands go in as a few batched INSERTs.
     Returns ``(comparison id, answer A id, answer B id)`` per turn."""
     from sqlalchemy import func
+    from sqlmodel import select
 
     from server.models import Comparison, Conversation, Message, utcnow
 
     def next_id(model) -> int:
-        return (session.exec(select_max(model)).one() or 0) + 1
-
-    def select_max(model):
-        from sqlmodel import select
-
-        return select(func.max(model.id))
+        return (session.exec(select(func.max(model.id))).one() or 0) + 1
 
     conv0, msg0, cmp0 = next_id(Conversation), next_id(Message), next_id(Comparison)
     now = utcnow()
