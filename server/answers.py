@@ -119,15 +119,6 @@ class AnswerService:
                 message.finish_reason = "stopped"
             session.add(message)
 
-    def _start_job(
-        self, message_id: int | None, context: list[dict[str, str]], sampling: SamplingSettings,
-        adapter: AdapterRef | None,
-    ) -> AnswerJob:
-        job = AnswerJob(self, context, sampling, adapter)
-        if message_id is not None:
-            job.bind(message_id)
-        return job
-
     async def stream(self, message_id: int) -> AsyncIterator[GenerationChunk]:
         """Generate the answer for pending message ``message_id``, yielding deltas.
 
@@ -139,7 +130,9 @@ class AnswerService:
             async for chunk in self._follow(message_id):
                 yield chunk
             return
-        async for chunk in self._start_job(message_id, *claim).chunks():
+        job = AnswerJob(self, *claim)
+        job.bind(message_id)
+        async for chunk in job.chunks():
             yield chunk
 
     async def start_api_answers(
@@ -152,7 +145,7 @@ class AnswerService:
         If storing fails, the generations are aborted and the error raised
         (nothing was accepted)."""
         adapter = self.adapters.active
-        jobs = [self._start_job(None, history, sampling, adapter) for sampling in samplings]
+        jobs = [AnswerJob(self, history, sampling, adapter) for sampling in samplings]
         try:
             ids = await asyncio.to_thread(self._store_claimed, user_id, history, samplings, adapter)
         except BaseException:
