@@ -6,15 +6,18 @@ the same prompts (greedy, fixed ``max_tokens``) are sent
 
 - (a) ``tuneloop``: through HTTP, ``POST /v1/chat/completions`` with
   ``stream=true`` and an API key, from a separate client process;
-- (b) ``direct``: as coroutines calling ``VllmChatEngine.generate`` on the
-  engine's own loop, in the server process;
+- (b) ``vllm_http``: the same HTTP request to vLLM's own OpenAI-compatible
+  server (the app ``vllm serve`` builds) on the same engine and loop, from the
+  same client: what serving over HTTP costs with no tuneloop code in the path;
+- (c) ``direct``: as coroutines calling ``VllmChatEngine.generate`` on the
+  engine's own loop, in the server process (no HTTP, no client process);
 
-alternating which mode goes first, repetition by repetition. Reported per
+rotating which mode goes first, repetition by repetition. Reported per
 concurrency: output tokens/s (all tokens / wall time), time to first content
-token (p50, p90), the ratio tuneloop/direct of throughput, the TTFT added by
-tuneloop, and CPU time of the server process per request (tuneloop's own work
+token (p50, p90), tuneloop's throughput ratio and added TTFT against each
+baseline, and CPU time of the server process per request (tuneloop's own work
 competes with vLLM for the same cores). Targets: >= 0.95x throughput and
-<= 10 ms added TTFT.
+<= 10 ms added TTFT against ``direct`` (the strict reading of the target).
 
     .venv/bin/python bench/serving.py --quick          # ~4-5 min on 2 cores
     .venv/bin/python bench/serving.py                  # full: 128 tokens, 3 reps
@@ -80,6 +83,41 @@ def http_body(index: int, max_tokens: int) -> dict[str, Any]:
         "model": "tuneloop", "messages": messages_for(index), "max_tokens": max_tokens,
         "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
     }
+
+
+def start_vllm_http_server(engine, loop_thread, settings, adapter) -> tuple[str, Any]:
+    """vLLM's own OpenAI-compatible server (its FastAPI app, as ``vllm serve``
+    builds it) on the same ``AsyncLLM`` and the same event loop: HTTP, SSE and
+    JSON with no tuneloop code in the path. Returns (base URL, uvicorn server)."""
+    import uvicorn
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from bench._common import free_port
+
+    argv = ["--model", str(settings.model), "--disable-log-stats", "--disable-uvicorn-access-log",
+            "--max-model-len", str(settings.max_model_len)]
+    if adapter is None:
+        argv += ["--served-model-name", "tuneloop"]
+    else:  # requests name "tuneloop": the LoRA, as in tuneloop's own API
+        argv += ["--served-model-name", "base", "--enable-lora", "--lora-modules", f"tuneloop={adapter.path}"]
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    llm = engine._llm
+    supported = loop_thread.run(llm.get_supported_tasks(), timeout=60)
+    app = build_app(args, supported, llm.model_config)
+    loop_thread.run(init_app_state(llm, app.state, args, supported), timeout=120)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off", access_log=False))
+    loop_thread.submit(server.serve())
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("vLLM's OpenAI server did not start within 30 s")
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}", server
 
 
 async def direct_round(engine, adapter, indices: list[int], max_tokens: int, concurrency: int) -> dict[str, Any]:
@@ -230,6 +268,26 @@ def mode_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return stats
 
 
+def compare(runs: list[dict[str, Any]], base_runs: list[dict[str, Any]], stats: dict[str, Any],
+            base: dict[str, Any]) -> dict[str, Any]:
+    """tuneloop against one baseline: throughput ratio (all and per repetition),
+    TTFT added at p50, answers identical to the baseline's, targets met."""
+    ratio = stats["tok_s"] / base["tok_s"] if base["tok_s"] else None
+    added = (stats["ttft_p50_ms"] - base["ttft_p50_ms"]) if None not in (stats["ttft_p50_ms"], base["ttft_p50_ms"]) \
+        else None
+    pairs = zip([rec for run in runs for rec in run["records"]],
+                [rec for run in base_runs for rec in run["records"]], strict=True)
+    same = sum(1 for a, b in pairs if a["ok"] and b["ok"] and a["text"] == b["text"])
+    return {
+        "throughput_ratio": r(ratio, 3),
+        "throughput_ratio_per_rep": [r(_tok_s(a) / _tok_s(b), 3) if _tok_s(b) else None
+                                     for a, b in zip(runs, base_runs, strict=True)],
+        "added_ttft_ms": r(added, 1),
+        "identical_answers": f"{same}/{stats['requests']}",
+        "meets_targets": bool(ratio is not None and ratio >= 0.95 and added is not None and added <= 10.0),
+    }
+
+
 def main() -> int:
     emit = claim_stdout()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,7 +318,7 @@ def main() -> int:
     client = ClientProcess()
     loop_thread = start_loop_thread()
     engine = start_vllm_engine(settings, loop_thread)
-    server = None
+    server = vllm_server = None
     try:
         adapter = None
         if args.adapter:
@@ -273,6 +331,7 @@ def main() -> int:
                                            activated_at=utcnow()))
         profiler = Profiler() if args.profile else None
         server = start_server(settings, loop_thread, engine)
+
         headers = {"Authorization": f"Bearer {server.api_key('bench-serving')}"}
         if args.adapter:
             deadline = time.monotonic() + 120
@@ -283,71 +342,58 @@ def main() -> int:
             adapter = server.app.state.adapters.active
             log("serving adapter %s from %s", adapter.name, adapter.path)
 
+        vllm_url, vllm_server = start_vllm_http_server(engine, loop_thread, settings, adapter)
+
         # Warm-up: every prompt once directly (fills the prefix cache for both
         # modes alike), and the HTTP path (first-request costs, connections).
         log("warm-up")
         all_prompts = list(range(len(PROMPTS)))
         loop_thread.run(direct_round(engine, adapter, all_prompts, 4, len(PROMPTS)), timeout=600)
-        client.call("bench._common:chat_round", timeout=600, base_url=server.base_url, headers=headers,
-                    bodies=[http_body(i, 4) for i in range(4)], concurrency=4)
+        for url in (server.base_url, vllm_url):
+            client.call("bench._common:chat_round", timeout=600, base_url=url, headers=headers,
+                        bodies=[http_body(i, 4) for i in range(4)], concurrency=4)
 
         if profiler is not None:
             loop_thread.loop.call_soon_threadsafe(lambda: loop_thread.loop.create_task(profiler.watch_loop()))
             profiler.take()
         results = []
-        order_flip = False
+        modes = ["tuneloop", "vllm_http", "direct"]
         for concurrency in levels:
-            runs: dict[str, list[dict[str, Any]]] = {"tuneloop": [], "direct": []}
+            runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
             n = max(2, concurrency) * args.waves
             for rep in range(reps):
                 indices = [(rep * n + i) % len(PROMPTS) for i in range(n)]
-                order = ["tuneloop", "direct"] if not order_flip else ["direct", "tuneloop"]
-                order_flip = not order_flip
-                for mode in order:
+                shift = (rep + concurrency) % len(modes)  # who goes first rotates
+                for mode in modes[shift:] + modes[:shift]:
                     cpu0 = cpu_seconds()
-                    if mode == "tuneloop":
+                    if mode == "direct":
+                        run = loop_thread.run(direct_round(engine, adapter, indices, max_tokens, concurrency),
+                                              timeout=1800)
+                    else:
                         run = client.call(
-                            "bench._common:chat_round", timeout=1800, base_url=server.base_url,
+                            "bench._common:chat_round", timeout=1800,
+                            base_url=server.base_url if mode == "tuneloop" else vllm_url,
                             headers=headers, bodies=[http_body(i, max_tokens) for i in indices],
                             concurrency=concurrency,
                         )
-                    else:
-                        run = loop_thread.run(direct_round(engine, adapter, indices, max_tokens, concurrency),
-                                              timeout=1800)
                     run["server_cpu_s"] = cpu_seconds() - cpu0
                     if profiler is not None:
                         run["profile"] = profiler.take()
                     runs[mode].append(run)
                     toks = sum(rec["completion_tokens"] or 0 for rec in run["records"] if rec["ok"])
-                    log("c=%d rep %d %-8s %d req, %d tokens in %.1f s = %.1f tok/s", concurrency, rep, mode,
+                    log("c=%d rep %d %-9s %d req, %d tokens in %.1f s = %.1f tok/s", concurrency, rep, mode,
                         len(indices), toks, run["wall_s"], toks / run["wall_s"])
-            t, d = mode_stats(runs["tuneloop"]), mode_stats(runs["direct"])
-            ratio = t["tok_s"] / d["tok_s"] if d["tok_s"] else None
-            added = (t["ttft_p50_ms"] - d["ttft_p50_ms"]) if None not in (t["ttft_p50_ms"], d["ttft_p50_ms"]) else None
-            same_text = sum(
-                1 for a, b in zip(
-                    [rec for run in runs["tuneloop"] for rec in run["records"]],
-                    [rec for run in runs["direct"] for rec in run["records"]], strict=True,
-                ) if a["ok"] and b["ok"] and a["text"] == b["text"]
-            )
-            level = {
-                "concurrency": concurrency,
-                "tuneloop": t,
-                "direct": d,
-                "throughput_ratio": r(ratio, 3),
-                "throughput_ratio_per_rep": [
-                    r(_tok_s(a) / _tok_s(b), 3) if _tok_s(b) else None
-                    for a, b in zip(runs["tuneloop"], runs["direct"], strict=True)
-                ],
-                "added_ttft_ms": r(added, 1),
-                "identical_answers": f"{same_text}/{t['requests']}",
-                "meets_targets": bool(ratio is not None and ratio >= 0.95 and added is not None and added <= 10.0),
-            }
-            log("c=%d: throughput ratio %s, added TTFT %s ms", concurrency, level["throughput_ratio"],
-                level["added_ttft_ms"])
+            stats = {mode: mode_stats(runs[mode]) for mode in modes}
+            level: dict[str, Any] = {"concurrency": concurrency, **stats}
+            for base in ("direct", "vllm_http"):
+                level[f"vs_{base}"] = compare(runs["tuneloop"], runs[base], stats["tuneloop"], stats[base])
+            level["meets_targets"] = level["vs_direct"]["meets_targets"]
+            log("c=%d: vs direct ratio %s, added TTFT %s ms; vs vLLM's server ratio %s, added TTFT %s ms",
+                concurrency, level["vs_direct"]["throughput_ratio"], level["vs_direct"]["added_ttft_ms"],
+                level["vs_vllm_http"]["throughput_ratio"], level["vs_vllm_http"]["added_ttft_ms"])
             results.append(level)
 
-        failed = sum(level["tuneloop"]["failed"] + level["direct"]["failed"] for level in results)
+        failed = sum(level[mode]["failed"] for level in results for mode in modes)
         emit({
             "bench": "serving",
             "mode": "quick" if quick else "full",
@@ -359,16 +405,19 @@ def main() -> int:
             "levels": results,
             "targets": {"throughput_ratio_min": 0.95, "added_ttft_ms_max": 10.0},
             "all_targets_met": all(level["meets_targets"] for level in results),
+            "all_targets_met_vs_vllm_http": all(level["vs_vllm_http"]["meets_targets"] for level in results),
             "failed_requests": failed,
             "machine_at_end": machine(),
-            "note": "tuneloop = HTTP SSE from a separate client process; direct = VllmChatEngine.generate "
-                    "coroutines on the same engine loop; machine shared with other load, so compare "
-                    "within this run only",
+            "note": "tuneloop and vllm_http (vLLM's own OpenAI server on the same engine and loop) = HTTP "
+                    "SSE from a separate client process on the same 2 cores; direct = VllmChatEngine.generate "
+                    "coroutines on the engine loop (no HTTP, no client); compare within this run only",
         })
         return 0
     finally:
         if server is not None:
             server.stop()
+        if vllm_server is not None:
+            vllm_server.should_exit = True
         client.close()
         try:
             loop_thread.run(engine.shutdown(), timeout=120)

@@ -10,6 +10,7 @@ request and keeps the partial text as ``stopped``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -34,6 +35,7 @@ from server.settings import Settings
 log = logging.getLogger("tuneloop.answers")
 
 POLL_SECONDS = 0.25
+_NOTHING = object()
 HOST = socket.gethostname()
 
 
@@ -277,29 +279,47 @@ class AnswerJob:
             # (cancellation): the partial answer is kept either way. If the
             # message isn't stored yet, bind() stores the result.
             self._result = ("".join(parts), status, last)
-            if self.message_id is not None:
-                service._running.pop(self.message_id, None)
-                service._finish(self.message_id, *self._result)
-            if service.metrics is not None:
-                service.metrics.observe_answer(
-                    self.adapter.name if self.adapter else None, status, started, first_token,
-                    last.completion_tokens if last else None, time.perf_counter(),
-                )
-            self._queue.put_nowait(None)
+            try:
+                if self.message_id is not None:
+                    service._running.pop(self.message_id, None)
+                    # Off the event loop, which streams the other answers; shielded
+                    # so a second cancellation cannot drop the write.
+                    await asyncio.shield(asyncio.to_thread(service._finish, self.message_id, *self._result))
+            finally:
+                if service.metrics is not None:
+                    service.metrics.observe_answer(
+                        self.adapter.name if self.adapter else None, status, started, first_token,
+                        last.completion_tokens if last else None, time.perf_counter(),
+                    )
+                self._queue.put_nowait(None)
 
     async def chunks(self) -> AsyncIterator[GenerationChunk]:
-        """The answer's chunks as they come; raises what the engine raised."""
+        """The answer's chunks as they come; raises what the engine raised.
+
+        Chunks that queued up while the listener was busy (a loaded server) come
+        out as one: the same text in fewer events, so a slow consumer catches up
+        instead of falling further behind."""
         finished = False
+        held: object = _NOTHING  # an end marker or error met while merging
         try:
             while True:
-                item = await self._queue.get()
+                item = await self._queue.get() if held is _NOTHING else held
+                held = _NOTHING
                 if item is None:
                     finished = True
                     return
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                yield item
+                texts = [item.text]
+                while not item.finished and not self._queue.empty():
+                    following = self._queue.get_nowait()
+                    if not isinstance(following, GenerationChunk):
+                        held = following
+                        break
+                    texts.append(following.text)
+                    item = following
+                yield item if len(texts) == 1 else dataclasses.replace(item, text="".join(texts))
         finally:
             if not finished:
                 self._task.cancel()  # the listener went away: stop generating

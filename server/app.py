@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from server.adapter_watcher import watch_active_adapter
 from server.adapters import AdapterRegistry
 from server.answers import AnswerService, reset_interrupted_answers
+from server.api_key_cache import ApiKeyCache
 from server.db import make_engine, session_scope, upgrade
 from server.engine.base import ChatEngine
 from server.engine.factory import build_engine
@@ -80,6 +81,7 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.answers = AnswerService(settings, chat_engine, db, adapters, metrics)
+    app.state.api_key_cache = ApiKeyCache(settings.api_key_cache_seconds)
     app.state.templates = make_templates()
     app.state.started_at = time.time()
 

@@ -138,7 +138,9 @@ def _decision_text(run) -> str:
     pairs = metrics.get("pairs", {})
     lines = [f"run {run.id}: {run.status.upper()}"]
     if pairs:
-        lines.append(f"  pairs: {pairs.get('new', 0)} new, {pairs.get('replay', 0)} replayed, {pairs.get('eval', 0)} held out")
+        lines.append(
+            f"  pairs: {pairs.get('new', 0)} new, {pairs.get('replay', 0)} replayed, {pairs.get('eval', 0)} held out"
+        )
     decision = metrics.get("decision")
     if decision:
         for name, value in decision.get("numbers", {}).items():
@@ -166,7 +168,7 @@ def cmd_adapters_list(args: argparse.Namespace, settings: Settings) -> None:
         accuracy = candidate.get("preference_accuracy")
         margin = candidate.get("mean_margin")
         print(
-            f"{row.name:<8} {row.status:<12} {('v%d' % row.parent_version) if row.parent_version else '-':<7} "
+            f"{row.name:<8} {row.status:<12} {f'v{row.parent_version}' if row.parent_version else '-':<7} "
             f"{row.training_run_id or '-':>4}  {_num(accuracy):>8} {_num(margin):>8}  {row.created_at:%Y-%m-%d %H:%M}"
         )
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from starlette.concurrency import run_in_threadpool
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from server import admin_auth
 from server.answers import AnswerService
@@ -81,7 +81,12 @@ async def current_user(request: Request, session: SessionDep, settings: Settings
     required on writes, because a browser sends cookies cross-site)."""
     key = _bearer(request)
     if key is not None:
-        user = await run_in_threadpool(_user_by_key, request.app.state.db, key)
+        cache = request.app.state.api_key_cache
+        user = cache.get(key)
+        if user is None:
+            user = await run_in_threadpool(_user_by_key, request.app.state.db, key)
+            if user is not None:
+                cache.put(key, user)
         if user is None:
             raise ApiError(401, "the API key is unknown or revoked; create one with `tuneloop keys create NAME`")
         return user

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
         200, description="Most messages (user and assistant) in one conversation."
     )
     max_request_bytes: int = Field(262_144, description="Largest accepted request body.")
+    api_key_cache_seconds: float = Field(
+        10.0, ge=0.0, description="How long a checked API key is trusted without asking the database again; "
+        "a key revoked with the CLI or on another server stops working within this time (0: check every request)."
+    )
     max_import_bytes: int = Field(
         256 * 1024 * 1024, description="Largest dataset file accepted by the admin upload (POST /api/admin/import)."
     )

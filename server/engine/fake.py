@@ -13,7 +13,10 @@ from collections.abc import AsyncIterator
 
 from server.engine.base import AdapterLoadError, AdapterRef, GenerationChunk, SamplingSettings
 
-WORDS = ["the", "model", "answers", "with", "a", "few", "plain", "words", "so", "tests", "can", "watch", "them", "stream", "in"]
+WORDS = [
+    "the", "model", "answers", "with", "a", "few", "plain", "words", "so", "tests", "can", "watch", "them",
+    "stream", "in",
+]
 
 
 class FakeChatEngine:

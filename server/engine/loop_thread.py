@@ -27,11 +27,21 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed (vLLM depends on it), as uvicorn picks for
+    `tuneloop serve`: tests and benchmarks run on the loop production runs on."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class EngineThread:
     """Owns one event loop that runs forever in a daemon thread until :meth:`stop`."""
 
     def __init__(self, name: str = "tuneloop-engine-loop") -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def _run(self) -> None:

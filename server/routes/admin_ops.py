@@ -283,6 +283,7 @@ def revoke_key(key_id: int, request: Request, admin: AdminPage, session: Session
         return _keys_answer(request, admin, session, status=409, notice=notice)
     revoke_api_key(session, str(key_id))
     session.commit()
+    request.app.state.api_key_cache.forget_user(row.user_id)
     if not is_htmx(request):
         return RedirectResponse(f"/admin/keys?revoked={key_id}", status_code=303)
     return _keys_answer(request, admin, session, notice={"kind": "ok", "text": f"Key “{row.name}” is revoked."})

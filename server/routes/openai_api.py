@@ -28,6 +28,7 @@ from server.settings import Settings
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 SERVED_NAME = "tuneloop"
+_PLACEHOLDER = "\u0000tuneloop-delta\u0000"  # never in an id or model name: they come from us
 
 
 class ContentPart(BaseModel):
@@ -255,13 +256,23 @@ async def _stream_events(
         }
         return f"data: {json.dumps(payload)}\n\n"
 
+    # Content events are the JSON event() makes, cut around a placeholder once
+    # per choice: per token only the new text is escaped.
+    content_event = [
+        event([{"index": i, "delta": {"content": _PLACEHOLDER}, "finish_reason": None}]).split(
+            json.dumps(_PLACEHOLDER)
+        )
+        for i in range(len(ids))
+    ]
+
     for index in range(len(ids)):
         yield event([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     prompt_tokens = completion_tokens = 0
     try:
         async for index, chunk in _merged(jobs):
             if chunk.text:
-                yield event([{"index": index, "delta": {"content": chunk.text}, "finish_reason": None}])
+                before, after = content_event[index]
+                yield before + json.dumps(chunk.text) + after
             if chunk.finished:
                 prompt_tokens = chunk.prompt_tokens or prompt_tokens
                 completion_tokens += chunk.completion_tokens or 0

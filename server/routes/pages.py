@@ -168,7 +168,8 @@ def _add_turn(
             sampling=answers.web_sampling().to_json(),
         )
         set_leaf(session, conversation, answer)
-        turn = {"question": question, "answer": {"kind": "message", **message_view(session, user, answer, conversation)}}
+        view = message_view(session, user, answer, conversation)
+        turn = {"question": question, "answer": {"kind": "message", **view}}
     session.commit()
     return turn
 
