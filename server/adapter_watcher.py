@@ -22,7 +22,7 @@ log = logging.getLogger("tuneloop.adapter_watcher")
 
 async def sync_once(registry: AdapterRegistry) -> bool:
     """Swap to the database's active adapter if it differs; True if it swapped."""
-    wanted = registry.active_in_db()
+    wanted = await asyncio.to_thread(registry.active_in_db)  # a locked database must not stall streaming
     if wanted == registry.active:
         return False
     try:

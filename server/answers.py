@@ -106,20 +106,16 @@ class AnswerService:
         return context, sampling, adapter
 
     def _finish(self, message_id: int, text: str, status: str, last: GenerationChunk | None) -> None:
+        """Store the answer's end: one UPDATE, no ORM load (it runs once per answer
+        on a busy server)."""
+        values: dict = {"content": text, "status": status, "completed_at": utcnow()}
+        if last is not None:
+            values |= {"finish_reason": last.finish_reason, "prompt_tokens": last.prompt_tokens,
+                       "completion_tokens": last.completion_tokens}
+        elif status == "stopped":
+            values["finish_reason"] = "stopped"
         with session_scope(self.db) as session:
-            message = session.get(Message, message_id)
-            if message is None:
-                return
-            message.content = text
-            message.status = status
-            message.completed_at = utcnow()
-            if last is not None:
-                message.finish_reason = last.finish_reason
-                message.prompt_tokens = last.prompt_tokens
-                message.completion_tokens = last.completion_tokens
-            elif status == "stopped":
-                message.finish_reason = "stopped"
-            session.add(message)
+            session.execute(update(Message).where(Message.id == message_id).values(**values))
 
     async def stream(self, message_id: int) -> AsyncIterator[GenerationChunk]:
         """Generate the answer for pending message ``message_id``, yielding deltas.

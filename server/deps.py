@@ -10,7 +10,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlmodel import Session
-from starlette.concurrency import run_in_threadpool
 
 from server import admin_auth
 from server.answers import AnswerService
@@ -81,12 +80,8 @@ async def current_user(request: Request, session: SessionDep, settings: Settings
     required on writes, because a browser sends cookies cross-site)."""
     key = _bearer(request)
     if key is not None:
-        cache = request.app.state.api_key_cache
-        user = cache.get(key)
-        if user is None:
-            user = await run_in_threadpool(_user_by_key, request.app.state.db, key)
-            if user is not None:
-                cache.put(key, user)
+        db = request.app.state.db
+        user = await request.app.state.api_key_cache.user_for(key, lambda k: _user_by_key(db, k))
         if user is None:
             raise ApiError(401, "the API key is unknown or revoked; create one with `tuneloop keys create NAME`")
         return user

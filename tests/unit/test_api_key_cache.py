@@ -3,6 +3,7 @@ means for a key revoked elsewhere (the CLI), and that nothing else changes."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi.testclient import TestClient
@@ -55,13 +56,26 @@ def test_unknown_keys_are_not_cached(tmp_path):
     app = create_app(make_settings(tmp_path))
     with TestClient(app) as client:
         assert _models(client, "tl-not-yet") == 401
-        assert app.state.api_key_cache.get("tl-not-yet") is None
+        assert app.state.api_key_cache._entries == {}
 
 
-def test_forget_user_drops_only_that_users_keys():
+def test_concurrent_requests_with_one_key_share_one_lookup_and_forget_drops_only_that_user():
     cache = ApiKeyCache(60)
-    cache.put("k1", User(id=1, kind="api"))
-    cache.put("k2", User(id=2, kind="api"))
+    users = {"k1": User(id=1, kind="api"), "k2": User(id=2, kind="api")}
+    calls: list[str] = []
+
+    def lookup(key: str) -> User | None:
+        calls.append(key)
+        time.sleep(0.05)
+        return users.get(key)
+
+    async def main() -> list[User | None]:
+        return await asyncio.gather(*(cache.user_for(k, lookup) for k in ["k1"] * 5 + ["k2", "nope"]))
+
+    found = asyncio.run(main())
+    assert [u.id if u else None for u in found] == [1, 1, 1, 1, 1, 2, None]
+    assert sorted(calls) == ["k1", "k2", "nope"]
     cache.forget_user(1)
-    assert cache.get("k1") is None
-    assert cache.get("k2").id == 2
+    asyncio.run(cache.user_for("k1", lookup))
+    asyncio.run(cache.user_for("k2", lookup))
+    assert sorted(calls) == ["k1", "k1", "k2", "nope"]
