@@ -61,7 +61,8 @@ def measure(url: str, turns: int, chromium: str) -> dict:
         "ttft_ms_p50": round(statistics.median(first_token), 1),
         "ttft_ms_min": round(min(first_token), 1), "ttft_ms_max": round(max(first_token), 1),
         "complete_ms_p50": round(statistics.median(complete), 1),
-        "note": "includes the first turn's page navigation; A/B turns count when the first of the two answers shows text",
+        "note": "includes the first turn's page navigation; A/B turns count when the first of the two answers "
+                "shows text",
     }
 
 

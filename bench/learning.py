@@ -165,9 +165,10 @@ MODES = {
 # Settings overrides the bench runs with (see the report in the summary line).
 OVERRIDES = {
     "eval_share": 0.25,           # default 0.1 gives 1-3 held-out pairs per cycle: the gate is a coin flip
-    "train_learning_rate": 3e-4,  # default 1e-4 barely moves the adapter on ~40 pairs (session-1 runs)
-    "train_beta": 0.5,            # default 0.1: the preference term is too weak next to the NLL on few pairs
-    "train_max_steps": 32,        # a fixed update budget per cycle: 66+ steps blew the sanity budget
+    "train_learning_rate": 3e-4,  # the default since session 3 (1e-4 barely moved the adapter on ~40 pairs)
+    "train_beta": 0.5,            # the default since session 3 (0.1: preference term too weak on few pairs)
+    "train_max_steps": 32,        # the default since session 3 (66+ steps blew the sanity budget)
+    "train_epochs": 3.0,          # the default since session 3
     "train_batch_size": 4,        # the default
     "replay_fraction": 0.5,       # the default
     "gate_sanity_tolerance": 0.05,  # the default (measured from the base model)

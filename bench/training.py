@@ -319,8 +319,9 @@ def one_cycle(history: int, new: int, adapter_path: str, root: Path, epochs: flo
     from server.models import TrainingRun
     from server.settings import Settings
 
+    # no step cap: this measures how a cycle's cost grows with every new pair trained on
     settings = Settings(data_dir=root / f"h{history}-n{new}", model=DEFAULT_MODEL, engine="fake", scheduler=False,
-                        train_epochs=epochs)
+                        train_epochs=epochs, train_max_steps=-1)
     db = _db(settings)
     t0 = time.perf_counter()
     hist = seed_history(db, history, settings.eval_share, adapter_path)

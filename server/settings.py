@@ -100,12 +100,17 @@ class Settings(BaseSettings):
         0.5, ge=0.0, lt=1.0,
         description="Share of a run's training set replayed from pairs earlier adapters learned.",
     )
-    train_epochs: float = Field(2.0, gt=0, description="ORPO epochs over a run's training set.")
-    train_max_steps: int = Field(-1, description="Stop after this many optimiser steps (-1: epochs).")
-    train_learning_rate: float = Field(1e-4, gt=0, description="ORPO learning rate.")
+    train_epochs: float = Field(
+        3.0, gt=0, description="ORPO passes over a run's training set, within TUNELOOP_TRAIN_MAX_STEPS."
+    )
+    train_max_steps: int = Field(
+        32, description="Most optimiser steps of one run, fewer when the epochs take fewer (-1: no cap). A run "
+        "trains on at most steps x batch pairs; new pairs over that wait for the next run."
+    )
+    train_learning_rate: float = Field(3e-4, gt=0, description="ORPO learning rate.")
     train_batch_size: int = Field(4, ge=1, description="Pairs per optimiser step.")
     train_beta: float = Field(
-        0.1, ge=0.0, description="ORPO lambda: weight of the odds-ratio (preference) term against the "
+        0.5, ge=0.0, description="ORPO lambda: weight of the odds-ratio (preference) term against the "
         "NLL of the chosen answer."
     )
     train_qlora: bool = Field(

@@ -156,12 +156,15 @@ def _run(settings: Settings, db: Engine, run_id: int) -> str:
         selection = select_for_run(
             session, settings.max_pairs_per_user, settings.replay_fraction, seed=run_id,
             max_eval_pairs=settings.gate_max_eval_pairs,
+            max_train_pairs=settings.train_max_steps * settings.train_batch_size if settings.train_max_steps > 0
+            else None,
         )
         active = active_version(session)
         parent = (active.version, active.path) if active else (None, None)
         pairs_info = {
             "built": report.to_json(), "new": len(selection.new), "replay": len(selection.replay),
             "eval": len(selection.eval), "capped_by_user_limit": selection.capped,
+            "deferred_by_step_budget": selection.deferred,
         }
         if not selection.new:
             run = session.get(TrainingRun, run_id)

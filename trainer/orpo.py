@@ -16,6 +16,7 @@ token, training the model on text it never generates.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -203,6 +204,16 @@ def build_model(base_model: str, parent_adapter: str | None, config: TrainConfig
     return model
 
 
+def step_budget(config: TrainConfig, pairs: int) -> int:
+    """Optimizer steps for ``pairs`` training pairs: ``epochs`` passes, but at
+    most ``max_steps`` (a few pairs get their passes, a big night is capped so a
+    run cannot drift far from the adapter it starts from). -1: epochs only."""
+    if config.max_steps <= 0:
+        return -1
+    per_step = config.batch_size * config.grad_accum
+    return max(1, min(config.max_steps, math.ceil(config.epochs * pairs / per_step)))
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -221,7 +232,7 @@ def train(
         learning_rate=config.learning_rate,
         beta=config.beta,
         num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
+        max_steps=step_budget(config, len(dataset)),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         max_length=config.max_length,

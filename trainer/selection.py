@@ -8,6 +8,11 @@
 - eval: every eval-split pair gathered so far, so a candidate cannot quietly
   undo an earlier lesson.
 
+With a fixed step budget (``TUNELOOP_TRAIN_MAX_STEPS``) a run sees at most
+``max_steps x batch_size`` pairs; ``max_train_pairs`` caps the training set to
+that, so no pair is recorded as trained without having been trained on. New
+pairs over the cap wait for the next run (oldest go first).
+
 Pairs whose user or messages an admin excluded are left out everywhere. The
 cost of a run grows with the new pairs (replay is proportional to them), not
 with the history.
@@ -32,6 +37,7 @@ class RunSelection:
     replay: list[PreferencePair]
     eval: list[PreferencePair]
     capped: int  # new pairs left for later because of the per-user cap
+    deferred: int = 0  # new pairs left for later because of the step budget
 
 
 def eligible_pairs():
@@ -70,7 +76,7 @@ def count_new_pairs(session: Session) -> int:
 
 def select_for_run(
     session: Session, max_pairs_per_user: int, replay_fraction: float, seed: int = 0,
-    max_eval_pairs: int | None = None,
+    max_eval_pairs: int | None = None, max_train_pairs: int | None = None,
 ) -> RunSelection:
     trained = trained_pair_ids(session)
     train_pairs = session.exec(
@@ -89,9 +95,17 @@ def select_for_run(
         per_user[pair.user_id] += 1
         new.append(pair)
     old = [p for p in train_pairs if p.id in trained]
+    replaying = bool(old) and 0 < replay_fraction < 1
+    deferred = 0
+    if max_train_pairs is not None and max_train_pairs > 0:
+        room = max(1, int(max_train_pairs * (1 - replay_fraction))) if replaying else max_train_pairs
+        deferred = max(0, len(new) - room)
+        new = new[:room]
     replay: list[PreferencePair] = []
-    if new and old and 0 < replay_fraction < 1:
+    if new and replaying:
         wanted = round(len(new) * replay_fraction / (1 - replay_fraction))
+        if max_train_pairs is not None and max_train_pairs > 0:
+            wanted = min(wanted, max_train_pairs - len(new))
         replay = random.Random(seed).sample(old, min(wanted, len(old)))
     eval_pairs = list(
         session.exec(
@@ -102,7 +116,7 @@ def select_for_run(
     )
     if max_eval_pairs is not None:
         eval_pairs = cap_eval_pairs(eval_pairs, max_eval_pairs, seed)
-    return RunSelection(new=new, replay=replay, eval=eval_pairs, capped=capped)
+    return RunSelection(new=new, replay=replay, eval=eval_pairs, capped=capped, deferred=deferred)
 
 
 def cap_eval_pairs(pairs: list[PreferencePair], limit: int, seed: int = 0) -> list[PreferencePair]:

@@ -6,10 +6,10 @@ Revises:
 Create Date: 2026-11-23 00:08:09.418697
 """
 
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel
 
+from alembic import op
 
 revision = '0001'
 down_revision = None

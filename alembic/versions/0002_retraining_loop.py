@@ -6,10 +6,10 @@ Revises: 0001
 Create Date: 2026-11-23 00:23:38.753976
 """
 
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel
 
+from alembic import op
 
 revision = '0002'
 down_revision = '0001'

@@ -7,10 +7,10 @@ Revises: 0002
 Create Date: 2026-11-23 01:21:16.063593
 """
 
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel
 
+from alembic import op
 
 revision = '0003'
 down_revision = '0002'

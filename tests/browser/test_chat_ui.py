@@ -143,7 +143,8 @@ def test_ab_turn_choose_with_keyboard(live_server, page):
     page.wait_for_selector(".comparison")
     wait_idle(page)
     second = db_rows(server, Comparison, Comparison.id != comparison.id)[0]
-    question = db_rows(server, Message, Message.id == db_rows(server, Message, Message.id == second.message_a_id)[0].parent_id)[0]
+    answer_a = db_rows(server, Message, Message.id == second.message_a_id)[0]
+    question = db_rows(server, Message, Message.id == answer_a.parent_id)[0]
     assert question.parent_id == comparison.message_b_id
 
 

@@ -81,14 +81,16 @@ def test_closing_a_stream_aborts_the_engine_request(server):
     headers = server.headers()
     body = {"messages": [{"role": "user", "content": "Write a very long story about the sea."}],
             "max_tokens": 500, "temperature": 0.8, "stream": True}
-    with httpx.Client(base_url=server.base_url, timeout=60) as http:
-        with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
-            message_id = int(response.headers["X-Tuneloop-Message-Id"])
-            lines = 0
-            for line in response.iter_lines():
-                lines += line.startswith("data:")
-                if lines >= 4:
-                    break
+    with (
+        httpx.Client(base_url=server.base_url, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response,
+    ):
+        message_id = int(response.headers["X-Tuneloop-Message-Id"])
+        lines = 0
+        for line in response.iter_lines():
+            lines += line.startswith("data:")
+            if lines >= 4:
+                break
     message = wait_for_status(server, message_id, ("stopped", "complete"))
     assert message.status == "stopped"
     assert len(message.content) > 0 and (message.completion_tokens or 0) < 500
@@ -118,8 +120,9 @@ def test_feedback_and_identity_isolation(server, client):
 def test_comparison_makes_two_different_answers_and_stores_the_choice(server):
     headers = server.headers()
     with httpx.Client(base_url=server.base_url, timeout=120) as http:
+        question = [{"role": "user", "content": "Tell me a fun fact."}]
         made = http.post("/api/comparisons", headers=headers,
-                         json={"messages": [{"role": "user", "content": "Tell me a fun fact."}], "max_tokens": 24, "temperature": 1.0})
+                         json={"messages": question, "max_tokens": 24, "temperature": 1.0})
         assert made.status_code == 200, made.text
         body = made.json()
         assert body["a"]["content"] and body["b"]["content"]

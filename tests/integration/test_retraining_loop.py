@@ -152,7 +152,7 @@ def test_a_candidate_that_loses_the_gate_is_not_promoted(live_server):
 
 
 def test_two_retrains_make_one_run_and_a_killed_run_fails_without_touching_serving(live_server):
-    server = live_server(**{**FAST_TRAINING, "train_max_steps": 50})
+    server = live_server(**{**FAST_TRAINING, "train_max_steps": 50, "train_epochs": 50})  # long enough to kill
     headers = server.headers("user")
     give_feedback_until_both_splits(server, headers)
 

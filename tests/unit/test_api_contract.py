@@ -64,7 +64,8 @@ def test_answer_is_stored_and_rateable_by_its_owner_only(app, client):
 
 def test_comparison_choice_is_private(app, client):
     alice, bob = new_key(app, "alice"), new_key(app, "bob")
-    made = client.post("/api/comparisons", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}, headers=alice)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    made = client.post("/api/comparisons", json=body, headers=alice)
     assert made.status_code == 200
     cid = made.json()["id"]
     assert client.post(f"/api/comparisons/{cid}/choice", json={"winner": "a"}, headers=bob).status_code == 404
@@ -95,9 +96,10 @@ def test_bad_chat_requests_get_a_clear_4xx(app, client, body, status, says):
 
 def test_oversized_body_and_bad_json_and_missing_key(app, client):
     headers = new_key(app)
-    big = client.post("/v1/chat/completions", content=b"x" * 5000, headers={**headers, "content-type": "application/json"})
+    as_json = {**headers, "content-type": "application/json"}
+    big = client.post("/v1/chat/completions", content=b"x" * 5000, headers=as_json)
     assert big.status_code == 413 and "TUNELOOP_MAX_REQUEST_BYTES" in big.json()["error"]["message"]
-    broken = client.post("/v1/chat/completions", content=b"{nope", headers={**headers, "content-type": "application/json"})
+    broken = client.post("/v1/chat/completions", content=b"{nope", headers=as_json)
     assert broken.status_code == 422 and "not valid JSON" in broken.json()["error"]["message"]
     anonymous = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert anonymous.status_code == 401
@@ -122,7 +124,8 @@ def test_browser_cookie_identity_needs_csrf_for_writes(client):
 def test_pages_are_private_to_their_browser(app, tmp_path):
     with TestClient(app) as first, TestClient(app) as second:
         token = first.get("/").text.split('name="csrf-token" content="')[1].split('"')[0]
-        url = first.post("/c", data={"content": "secret", "csrf_token": token}, follow_redirects=False).headers["location"]
+        posted = first.post("/c", data={"content": "secret", "csrf_token": token}, follow_redirects=False)
+        url = posted.headers["location"]
         second.get("/")
         assert second.get(url).status_code == 404
         assert "secret" not in second.get("/").text

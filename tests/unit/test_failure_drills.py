@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event
 from safetensors.numpy import save_file
+from sqlalchemy import event
 from sqlmodel import Session, func, select
 
 from server.adapter_files import AdapterFilesError, validate_adapter_dir

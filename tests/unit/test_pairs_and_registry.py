@@ -146,6 +146,30 @@ def test_selection_caps_users_replays_history_and_keeps_eval(db):
         assert count_new_pairs(s) == 0
 
 
+def test_step_budget_caps_the_training_set_and_defers_the_newest_pairs(db):
+    with session_scope(db) as s:
+        users = [make_user(s, f"u{i}") for i in range(4)]
+        for i, user in enumerate(users):
+            _pairs_for(s, user, 5, f"U{i}")
+        build_pairs(s, eval_share=0.0)
+        first = select_for_run(s, max_pairs_per_user=50, replay_fraction=0.5, max_train_pairs=8)
+    # no history yet: nothing to replay, the whole budget goes to the oldest new pairs
+    assert len(first.new) == 8 and first.replay == [] and first.deferred == 12
+    assert [p.id for p in first.new] == sorted(p.id for p in first.new)
+    with session_scope(db) as s:
+        run = TrainingRun(status="promoted")
+        s.add(run)
+        s.flush()
+        for pair in first.new:
+            s.add(TrainingRunPair(run_id=run.id, pair_id=pair.id, role="new"))
+    with session_scope(db) as s:
+        second = select_for_run(s, max_pairs_per_user=50, replay_fraction=0.5, max_train_pairs=8)
+        unlimited = select_for_run(s, max_pairs_per_user=50, replay_fraction=0.5)
+    assert len(second.new) == 4 and len(second.replay) == 4 and second.deferred == 8
+    assert min(p.id for p in second.new) > max(p.id for p in first.new)
+    assert len(unlimited.new) == 12 and len(unlimited.replay) == 8 and unlimited.deferred == 0
+
+
 def test_lease_is_exclusive_and_expires(db):
     with session_scope(db) as s:
         assert leases.acquire(s, "x", "one", 60)
