@@ -4,6 +4,7 @@ means for a key revoked elsewhere (the CLI), and that nothing else changes."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 
 from fastapi.testclient import TestClient
@@ -59,6 +60,12 @@ def test_unknown_keys_are_not_cached(tmp_path):
         assert app.state.api_key_cache._entries == {}
 
 
+def run_in_own_loop(coro):
+    """asyncio.run in a thread of its own: the browser tests leave a loop running in this one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def test_concurrent_requests_with_one_key_share_one_lookup_and_forget_drops_only_that_user():
     cache = ApiKeyCache(60)
     users = {"k1": User(id=1, kind="api"), "k2": User(id=2, kind="api")}
@@ -72,10 +79,10 @@ def test_concurrent_requests_with_one_key_share_one_lookup_and_forget_drops_only
     async def main() -> list[User | None]:
         return await asyncio.gather(*(cache.user_for(k, lookup) for k in ["k1"] * 5 + ["k2", "nope"]))
 
-    found = asyncio.run(main())
+    found = run_in_own_loop(main())
     assert [u.id if u else None for u in found] == [1, 1, 1, 1, 1, 2, None]
     assert sorted(calls) == ["k1", "k2", "nope"]
     cache.forget_user(1)
-    asyncio.run(cache.user_for("k1", lookup))
-    asyncio.run(cache.user_for("k2", lookup))
+    run_in_own_loop(cache.user_for("k1", lookup))
+    run_in_own_loop(cache.user_for("k2", lookup))
     assert sorted(calls) == ["k1", "k1", "k2", "nope"]
