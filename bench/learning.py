@@ -427,7 +427,7 @@ def plot(cycles: list[dict], base_sanity: float, tolerance: float, path: Path) -
     ax.plot(xs, [c["satisfaction"]["sampled"]["rate"] for c in cycles], "s-", label="sampled (T=0.7)")
     for c in cycles[1:]:
         status = c["run"]["status"]
-        ax.annotate(status[:4], (c["cycle"], c["satisfaction"]["temp0"]["rate"]), textcoords="offset points",
+        ax.annotate(status, (c["cycle"], c["satisfaction"]["temp0"]["rate"]), textcoords="offset points",
                     xytext=(0, 8), ha="center", fontsize=8, color="green" if status == "promoted" else "red")
     ax.set_title(f"held-out satisfaction (first sentence <= {MAX_WORDS} words)")
     ax.set_xlabel("cycle (0 = base model)")
@@ -450,7 +450,7 @@ def plot(cycles: list[dict], base_sanity: float, tolerance: float, path: Path) -
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"eval pairs of cycle {j + 1}")
     ax.set_title("served model's preference accuracy on each cycle's held-out pairs")
-    ax.set_xlabel("cycle (0 = base model)")
+    ax.set_xlabel("cycle")
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=8)
 
@@ -466,6 +466,8 @@ def plot(cycles: list[dict], base_sanity: float, tolerance: float, path: Path) -
     ax.set_title("pairs per run")
     ax.set_xlabel("cycle")
     ax.legend(fontsize=8)
+    for ax in axes.flat:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle("tuneloop learning bench: simulated users who want answers that get to the point")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
