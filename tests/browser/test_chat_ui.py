@@ -74,9 +74,10 @@ def test_chat_streams_then_rate_and_find_rows(live_server, page):
     lengths = set()
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and answer.get_attribute("data-status") != "complete":
-        streaming = page.locator("article.assistant .answer-text.streaming")
-        if streaming.count():
-            lengths.add(len(streaming.first.inner_text()))
+        # one atomic read: a locator found now may have stopped streaming by the time it is read
+        length = page.evaluate("document.querySelector('article.assistant .answer-text.streaming')?.innerText.length")
+        if length is not None:
+            lengths.add(length)
         time.sleep(0.05)
     assert answer.get_attribute("data-status") == "complete"
     assert len({n for n in lengths if n > 0}) >= 2, f"the answer did not stream in: {lengths}"
