@@ -112,6 +112,15 @@ class TrainConfig:
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass during evaluation."})
 
+    @property
+    def pairs_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    @property
+    def max_pairs_per_run(self) -> int | None:
+        """Most training pairs a run can reach within ``max_steps`` (None: no cap)."""
+        return self.max_steps * self.pairs_per_step if self.max_steps > 0 else None
+
     def __post_init__(self) -> None:
         problems = []
         if not 1 <= self.lora_r <= MAX_LORA_RANK:

@@ -152,12 +152,11 @@ def _run(settings: Settings, db: Engine, run_id: int) -> str:
     )
     with session_scope(db) as session:
         report = build_pairs(session, settings.eval_share)
+    config = train_config_from(settings)
     with session_scope(db) as session:
         selection = select_for_run(
             session, settings.max_pairs_per_user, settings.replay_fraction, seed=run_id,
-            max_eval_pairs=settings.gate_max_eval_pairs,
-            max_train_pairs=settings.train_max_steps * settings.train_batch_size if settings.train_max_steps > 0
-            else None,
+            max_eval_pairs=settings.gate_max_eval_pairs, max_train_pairs=config.max_pairs_per_run,
         )
         active = active_version(session)
         parent = (active.version, active.path) if active else (None, None)
@@ -183,7 +182,6 @@ def _run(settings: Settings, db: Engine, run_id: int) -> str:
         session.add(run)
 
     out_dir = (settings.adapters_dir / f"v{version}").resolve()
-    config = train_config_from(settings)
     result = _train(settings, db, run_id, parent[1], train_pairs, out_dir, config)
 
     with session_scope(db) as session:

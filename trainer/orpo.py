@@ -210,8 +210,7 @@ def step_budget(config: TrainConfig, pairs: int) -> int:
     run cannot drift far from the adapter it starts from). -1: epochs only."""
     if config.max_steps <= 0:
         return -1
-    per_step = config.batch_size * config.grad_accum
-    return max(1, min(config.max_steps, math.ceil(config.epochs * pairs / per_step)))
+    return max(1, min(config.max_steps, math.ceil(config.epochs * pairs / config.pairs_per_step)))
 
 
 def train(

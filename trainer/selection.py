@@ -96,16 +96,17 @@ def select_for_run(
         new.append(pair)
     old = [p for p in train_pairs if p.id in trained]
     replaying = bool(old) and 0 < replay_fraction < 1
+    cap = max_train_pairs if max_train_pairs is not None and max_train_pairs > 0 else None
     deferred = 0
-    if max_train_pairs is not None and max_train_pairs > 0:
-        room = max(1, int(max_train_pairs * (1 - replay_fraction))) if replaying else max_train_pairs
+    if cap is not None:
+        room = max(1, int(cap * (1 - replay_fraction))) if replaying else cap
         deferred = max(0, len(new) - room)
         new = new[:room]
     replay: list[PreferencePair] = []
     if new and replaying:
         wanted = round(len(new) * replay_fraction / (1 - replay_fraction))
-        if max_train_pairs is not None and max_train_pairs > 0:
-            wanted = min(wanted, max_train_pairs - len(new))
+        if cap is not None:
+            wanted = min(wanted, cap - len(new))
         replay = random.Random(seed).sample(old, min(wanted, len(old)))
     eval_pairs = list(
         session.exec(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 
 from fastapi.testclient import TestClient
@@ -33,23 +34,26 @@ def _models(client, key: str) -> int:
     return client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
 
 
-def test_key_revoked_elsewhere_stops_working_when_its_cache_entry_expires(tmp_path):
-    app = create_app(make_settings(tmp_path, api_key_cache_seconds=0.5))
+@contextlib.contextmanager
+def _key_used_then_revoked_elsewhere(tmp_path, ttl: float):
+    """A client whose key worked once and was then revoked behind the server's back."""
+    app = create_app(make_settings(tmp_path, api_key_cache_seconds=ttl))
     with TestClient(app) as client:
         key = _key(app)
         assert _models(client, key) == 200
         _revoke_in_database(app, key)
+        yield client, key
+
+
+def test_key_revoked_elsewhere_stops_working_when_its_cache_entry_expires(tmp_path):
+    with _key_used_then_revoked_elsewhere(tmp_path, ttl=0.5) as (client, key):
         assert _models(client, key) == 200  # still cached: the documented window
         time.sleep(0.6)
         assert _models(client, key) == 401
 
 
 def test_without_a_cache_a_revoked_key_fails_at_once(tmp_path):
-    app = create_app(make_settings(tmp_path, api_key_cache_seconds=0))
-    with TestClient(app) as client:
-        key = _key(app)
-        assert _models(client, key) == 200
-        _revoke_in_database(app, key)
+    with _key_used_then_revoked_elsewhere(tmp_path, ttl=0) as (client, key):
         assert _models(client, key) == 401
 
 

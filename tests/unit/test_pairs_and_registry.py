@@ -122,6 +122,14 @@ def _pairs_for(s, user, n, prefix):
         rate(s, user, up, "up"), rate(s, user, down, "down")
 
 
+def _promoted_run_trained_on(db, pairs) -> None:
+    with session_scope(db) as s:
+        run = TrainingRun(status="promoted")
+        s.add(run)
+        s.flush()
+        s.add_all(TrainingRunPair(run_id=run.id, pair_id=pair.id, role="new") for pair in pairs)
+
+
 def test_selection_caps_users_replays_history_and_keeps_eval(db):
     with session_scope(db) as s:
         loud, quiet = make_user(s, "loud"), make_user(s, "quiet")
@@ -130,12 +138,7 @@ def test_selection_caps_users_replays_history_and_keeps_eval(db):
         build_pairs(s, eval_share=0.0)
         selection = select_for_run(s, max_pairs_per_user=5, replay_fraction=0.5)
     assert len(selection.new) == 8 and selection.capped == 7 and selection.replay == []
-    with session_scope(db) as s:
-        run = TrainingRun(status="promoted")
-        s.add(run)
-        s.flush()
-        for pair in selection.new:
-            s.add(TrainingRunPair(run_id=run.id, pair_id=pair.id, role="new"))
+    _promoted_run_trained_on(db, selection.new)
     with session_scope(db) as s:
         assert count_new_pairs(s) == 7
         after = select_for_run(s, max_pairs_per_user=5, replay_fraction=0.5)
@@ -156,12 +159,7 @@ def test_step_budget_caps_the_training_set_and_defers_the_newest_pairs(db):
     # no history yet: nothing to replay, the whole budget goes to the oldest new pairs
     assert len(first.new) == 8 and first.replay == [] and first.deferred == 12
     assert [p.id for p in first.new] == sorted(p.id for p in first.new)
-    with session_scope(db) as s:
-        run = TrainingRun(status="promoted")
-        s.add(run)
-        s.flush()
-        for pair in first.new:
-            s.add(TrainingRunPair(run_id=run.id, pair_id=pair.id, role="new"))
+    _promoted_run_trained_on(db, first.new)
     with session_scope(db) as s:
         second = select_for_run(s, max_pairs_per_user=50, replay_fraction=0.5, max_train_pairs=8)
         unlimited = select_for_run(s, max_pairs_per_user=50, replay_fraction=0.5)
