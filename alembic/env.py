@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from sqlmodel import SQLModel
 
-import server.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+import store.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 from alembic import context
-from server.db import make_engine
-from server.settings import Settings
+from store.db import make_engine
+from store.settings import Settings
 
 config = context.config
 target_metadata = SQLModel.metadata

@@ -135,7 +135,7 @@ def temp_data_dir(name: str) -> Path:
 
 
 def bench_settings(data_dir: Path, **overrides: Any):
-    from server.settings import Settings
+    from store.settings import Settings
 
     values: dict[str, Any] = {
         "data_dir": data_dir,
@@ -180,8 +180,8 @@ class BenchServer:
         return self.app.state.db
 
     def api_key(self, name: str = "bench") -> str:
-        from server.db import session_scope
         from server.identity import create_api_key
+        from store.db import session_scope
 
         with session_scope(self.db) as session:
             _, key = create_api_key(session, name)

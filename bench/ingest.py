@@ -61,9 +61,9 @@ WINNERS = ["a", "b", "tie", "both_bad"]
 def seed_database(db, users: int, messages: int, comparisons: int) -> dict[str, Any]:
     """API users with keys, finished answers and undecided comparisons, written
     directly. Returns keys, and (id, user index) of every answer and comparison."""
-    from server.db import session_scope
     from server.identity import create_api_key
-    from server.models import Comparison, Conversation, Message, utcnow
+    from store.db import session_scope
+    from store.tables import Comparison, Conversation, Message, utcnow
 
     keys: list[str] = []
     user_ids: list[int] = []
@@ -179,7 +179,7 @@ def verify(db, seed: dict[str, Any], records: list[tuple]) -> dict[str, Any]:
     """Compare the database with the acknowledged writes."""
     from sqlmodel import Session, select
 
-    from server.models import Comparison, Feedback
+    from store.tables import Comparison, Feedback
 
     owner = {mid: seed["user_ids"][u] for mid, u in seed["answers"]}
     expect: dict[tuple[str, int], dict[str, Any]] = {}
@@ -283,7 +283,7 @@ def main() -> int:
                           warmup_s=args.warmup, duration_s=duration, timeout_s=args.timeout)
         server_cpu = cpu_seconds() - cpu0
         records = run["records"]
-        from server.db import make_engine
+        from store.db import make_engine
 
         reader = make_engine(settings.resolved_database_url)  # not the server's pool: read what is on disk
         try:

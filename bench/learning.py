@@ -266,7 +266,7 @@ def eval_sets_by_cycle(db, run_ids: list[int]) -> list[list]:
     """Eval pairs that first appeared in each run (run k's eval role minus earlier runs')."""
     from sqlmodel import Session, select
 
-    from server.models import PreferencePair, TrainingRunPair
+    from store.tables import PreferencePair, TrainingRunPair
     from trainer.cycle import _as_training_pairs
 
     seen: set[int] = set()

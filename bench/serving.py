@@ -324,8 +324,8 @@ def main() -> int:
     try:
         adapter = None
         if args.adapter:
-            from server.db import session_scope
-            from server.models import AdapterVersion, utcnow
+            from store.db import session_scope
+            from store.tables import AdapterVersion, utcnow
 
             create_tables(settings)
             with session_scope(make_db(settings)) as session:
@@ -432,13 +432,13 @@ def main() -> int:
 
 
 def make_db(settings):
-    from server.db import make_engine
+    from store.db import make_engine
 
     return make_engine(settings.resolved_database_url)
 
 
 def create_tables(settings) -> None:
-    from server.db import upgrade
+    from store.db import upgrade
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)

@@ -94,8 +94,8 @@ def make_adapters(model_dir: str, adapters_dir: Path, versions: list[int], rank:
 
 
 def register_adapters(db, paths: dict[int, Path]) -> None:
-    from server.db import session_scope
-    from server.models import AdapterVersion
+    from store.db import session_scope
+    from store.tables import AdapterVersion
 
     with session_scope(db) as session:
         for version, path in paths.items():
@@ -229,10 +229,10 @@ def main() -> int:
         # -- checks ------------------------------------------------------------
         from sqlmodel import Session, select
 
-        from server.models import Message
+        from store.tables import Message
 
         by_id = {rec["message_id"]: rec for rec in records if rec["message_id"]}
-        from server.db import make_engine
+        from store.db import make_engine
 
         reader = make_engine(settings.resolved_database_url)  # not the server's pool
         with Session(reader) as session:

@@ -103,9 +103,9 @@ def synthetic_pair(index: int, seed: int = 0) -> tuple[list[dict[str, str]], str
 
 
 def worker_tuneloop(spec: dict) -> dict:
+    from store.exchange.pair_format import Pair
     from trainer.config import TrainConfig
     from trainer.orpo import train_adapter
-    from trainer.pairs_format import Pair
 
     t0 = time.perf_counter()
     pairs = [Pair(prompt=p, chosen=c, rejected=r, pair_id=i) for i, (p, c, r) in enumerate(spec["pairs"])]
@@ -214,7 +214,7 @@ def throughput(cfg: dict, workdir: Path) -> tuple[dict, str]:
 
 
 def _db(settings):
-    from server.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
@@ -229,7 +229,7 @@ def _ab_turns(session, turns: list[tuple[int, list[dict[str, str]], str, str]]) 
     from sqlalchemy import func
     from sqlmodel import select
 
-    from server.models import Comparison, Conversation, Message, utcnow
+    from store.tables import Comparison, Conversation, Message, utcnow
 
     def next_id(model) -> int:
         return (session.exec(select(func.max(model.id))).one() or 0) + 1
@@ -256,9 +256,9 @@ def _ab_turns(session, turns: list[tuple[int, list[dict[str, str]], str, str]]) 
 def seed_history(db, history: int, eval_share: float, adapter_path: str) -> dict:
     """``history`` decided A/B turns already built into pairs, all trained by one
     promoted run whose adapter is active -- what months of feedback leave behind."""
-    from server.db import session_scope
-    from server.models import AdapterVersion, PreferencePair, TrainingRun, TrainingRunPair, User, utcnow
-    from trainer.pairs import content_hash, split_for
+    from store.db import session_scope
+    from store.pairs import content_hash, split_for
+    from store.tables import AdapterVersion, PreferencePair, TrainingRun, TrainingRunPair, User, utcnow
 
     with session_scope(db) as session:
         users = [User(kind="api", name=f"history-{i}") for i in range(50)]
@@ -290,9 +290,9 @@ def add_new_pairs(db, new_train: int, eval_share: float, per_user: int = 40) -> 
     """New decided A/B turns from many users (not yet built into pairs: the cycle's
     build step does that) until ``new_train`` of them will land in the train split
     (the eval-split ones that come along are kept: that is what feedback does)."""
-    from server.db import session_scope
-    from server.models import User
-    from trainer.pairs import content_hash, split_for
+    from store.db import session_scope
+    from store.pairs import content_hash, split_for
+    from store.tables import User
 
     with session_scope(db) as session:
         users = [User(kind="api", name=f"new-{i}") for i in range(math.ceil(new_train / per_user))]
@@ -314,10 +314,8 @@ def add_new_pairs(db, new_train: int, eval_share: float, per_user: int = 40) -> 
 
 def one_cycle(history: int, new: int, adapter_path: str, root: Path, epochs: float = 2.0) -> dict:
     import trainer.cycle as cycle
-    from server import leases
-    from server.db import session_scope
-    from server.models import TrainingRun
-    from server.settings import Settings
+    from store.run_lease import open_run
+    from store.settings import Settings
 
     # no step cap: this measures how a cycle's cost grows with every new pair trained on
     settings = Settings(data_dir=root / f"h{history}-n{new}", model=DEFAULT_MODEL, engine="fake", scheduler=False,
@@ -327,12 +325,7 @@ def one_cycle(history: int, new: int, adapter_path: str, root: Path, epochs: flo
     hist = seed_history(db, history, settings.eval_share, adapter_path)
     fresh = add_new_pairs(db, new, settings.eval_share)
     seed_s = time.perf_counter() - t0
-    with session_scope(db) as session:
-        run = TrainingRun(status="queued", trigger="manual")
-        session.add(run)
-        session.flush()
-        assert leases.acquire(session, leases.RETRAIN, cycle.lease_holder(run.id), 60.0)
-        run_id = run.id
+    run_id = open_run(db, "manual")
 
     timings: dict[str, float] = {}
     originals = {name: getattr(cycle, name) for name in ("build_pairs", "select_for_run", "_train", "_evaluate")}
@@ -355,6 +348,9 @@ def one_cycle(history: int, new: int, adapter_path: str, root: Path, epochs: flo
     finally:
         for name, fn in originals.items():
             setattr(cycle, name, fn)
+    from store.db import session_scope
+    from store.tables import TrainingRun
+
     with session_scope(db) as session:
         metrics = session.get(TrainingRun, run_id).metrics or {}
     db.dispose()

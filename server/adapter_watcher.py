@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from server.adapter_versions import mark_failed
 from server.adapters import AdapterRegistry
-from server.db import session_scope
 from server.engine.base import AdapterLoadError, EngineUnavailable
+from store.db import session_scope
+from store.registry import mark_failed
 
 log = logging.getLogger("tuneloop.adapter_watcher")
 

@@ -13,11 +13,12 @@ import asyncio
 import logging
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session
 
-from server.adapter_files import AdapterFilesError, validate_adapter_dir
 from server.engine.base import AdapterLoadError, AdapterRef, ChatEngine
-from server.models import AdapterVersion
+from store.adapter_files import AdapterFilesError, check_servable
+from store.registry import active_version
+from store.tables import AdapterVersion
 
 log = logging.getLogger("tuneloop.adapters")
 
@@ -39,9 +40,7 @@ class AdapterRegistry:
 
     def active_in_db(self) -> AdapterRef | None:
         with Session(self.db) as session:
-            row = session.exec(
-                select(AdapterVersion).where(AdapterVersion.status == "active")
-            ).first()
+            row = active_version(session)
             return adapter_ref(row) if row else None
 
     async def switch_to(self, ref: AdapterRef | None) -> None:
@@ -50,7 +49,7 @@ class AdapterRegistry:
         async with self._switch_lock:
             if ref is not None and ref != self.active:
                 try:
-                    await asyncio.to_thread(validate_adapter_dir, ref.path, self.max_rank)
+                    await asyncio.to_thread(check_servable, ref.path, self.max_rank)
                 except AdapterFilesError as exc:
                     raise AdapterLoadError(str(exc)) from exc
                 await self.engine.load_adapter(ref)

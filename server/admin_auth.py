@@ -19,7 +19,7 @@ import secrets
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from server.settings import Settings
+from store.settings import Settings
 
 ADMIN_COOKIE = "tuneloop_admin"
 SESSION_MAX_AGE_S = 12 * 3600

@@ -18,10 +18,11 @@ from urllib.parse import urlencode
 
 from sqlmodel import Session, col, func, select
 
-from server.adapter_versions import AdapterError, active_version, list_versions, parse_version
-from server.adapter_versions import rollback_target as _rollback_target
-from server.conversations import thread
-from server.models import (
+from store.conversations import thread
+from store.errors import StoreError
+from store.registry import active_version, list_versions, parse_version, version_name
+from store.registry import rollback_target as _rollback_target
+from store.tables import (
     AdapterVersion,
     Comparison,
     Conversation,
@@ -110,10 +111,10 @@ def parse_filters(
         start_day = end_day - timedelta(days=MAX_DAYS - 1)
         errors.append(f"the date range is limited to {MAX_DAYS} days; showing {start_day} to {end_day}")
     adapter_name = (adapter or "").strip().lower()
-    if adapter_name and adapter_name != BASE:
+    if adapter_name:
         try:
-            adapter_name = f"v{parse_version(adapter_name)}"
-        except AdapterError as exc:
+            adapter_name = version_name(parse_version(adapter_name))
+        except StoreError as exc:
             errors.append(f"{exc}; showing all adapters")
             adapter_name = ""
     return Filters(start_day, end_day, (tag or "").strip().lower(), adapter_name, errors)
@@ -479,7 +480,7 @@ def adapter_rows(session: Session) -> list[AdapterRow]:
 
 def rollback_target(session: Session) -> tuple[AdapterVersion | None, AdapterVersion | None]:
     """(active version, what a rollback would make active: None = base model),
-    as ``server.adapter_versions.rollback`` would choose it. For the confirmation text."""
+    as ``store.registry.rollback`` would choose it. For the confirmation text."""
     current = active_version(session)
     if current is None:
         return None, None

@@ -24,13 +24,13 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from server.adapters import AdapterRegistry
-from server.conversations import add_chain, add_message, chat_context, start_conversation, thread
-from server.db import session_scope
 from server.engine.base import AdapterRef, ChatEngine, EngineUnavailable, GenerationChunk, SamplingSettings
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.models import Conversation, Message, User, utcnow
-from server.settings import Settings
+from store.conversations import chat_context, start_turn, thread
+from store.db import session_scope
+from store.settings import Settings
+from store.tables import Conversation, Message, User, utcnow
 
 log = logging.getLogger("tuneloop.answers")
 
@@ -161,20 +161,12 @@ class AnswerService:
         """Store an API request's history and its answers as one conversation;
         the answers are siblings, already ``streaming`` and claimed here."""
         with session_scope(self.db) as session:
-            user = session.get(User, user_id)
-            first_user = next(m["content"] for m in history if m["role"] == "user")
-            conversation = start_conversation(session, user, "api", first_user)
-            parent = add_chain(session, conversation, history)
-            answers = [
-                add_message(
-                    session, conversation, parent.id if parent else None, "assistant", status="streaming",
-                    sampling=sampling.to_json(), adapter_version=adapter.name if adapter else None,
-                    claimed_by=process_identity(),
-                )
-                for sampling in samplings
-            ]
-            conversation.current_leaf_id = answers[0].id
-            return [a.id for a in answers]  # type: ignore[misc]
+            turn = start_turn(
+                session, session.get(User, user_id), None, history, [s.to_json() for s in samplings],
+                max_turns=self.settings.max_turns, source="api",
+                claimed_by=process_identity(), adapter_version=adapter.name if adapter else None,
+            )
+            return [a.id for a in turn.answers]  # type: ignore[misc]
 
     async def _follow(self, message_id: int) -> AsyncIterator[GenerationChunk]:
         while True:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from starlette.concurrency import run_in_threadpool
 
 from server.identity import hash_key
-from server.models import User
+from store.tables import User
 
 
 class ApiKeyCache:

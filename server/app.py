@@ -16,18 +16,18 @@ from server.adapter_watcher import watch_active_adapter
 from server.adapters import AdapterRegistry
 from server.answers import AnswerService, reset_interrupted_answers
 from server.api_key_cache import ApiKeyCache
-from server.db import make_engine, session_scope, upgrade
 from server.engine.base import ChatEngine
 from server.engine.factory import build_engine
 from server.errors import install_error_handlers
 from server.metrics import Metrics, RequestMetrics
 from server.middleware import BodySizeLimit, BrowserIdentity
-from server.models import User
 from server.rendering import STATIC_DIR, make_templates
-from server.retraining import reap_stale_runs
 from server.routes import admin, admin_export, admin_ops, admin_pages, comparisons, feedback, health, openai_api, pages
 from server.scheduler import RetrainScheduler
-from server.settings import Settings
+from store.db import make_engine, session_scope, upgrade
+from store.run_lease import reap_stale_runs
+from store.settings import Settings
+from store.tables import User
 
 log = logging.getLogger("tuneloop.app")
 

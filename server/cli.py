@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from sqlmodel import Session, col, select
 
-from server.settings import Settings
+from store.settings import Settings
 
 
 class CliError(Exception):
@@ -21,7 +21,7 @@ class CliError(Exception):
 
 
 def _db(settings: Settings):
-    from server.db import make_engine, upgrade
+    from store.db import make_engine, upgrade
 
     upgrade(settings.resolved_database_url)
     return make_engine(settings.resolved_database_url)
@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> None:
-    from server.db import upgrade
+    from store.db import upgrade
 
     upgrade(settings.resolved_database_url)
     print(f"database at head: {_redacted(settings.resolved_database_url)}")
@@ -53,8 +53,8 @@ def _redacted(url: str) -> str:
 
 
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> None:
-    from server.db import session_scope
     from server.identity import create_api_key
+    from store.db import session_scope
 
     with session_scope(_db(settings)) as session:
         try:
@@ -67,7 +67,7 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> None:
-    from server.models import ApiKey
+    from store.tables import ApiKey
 
     with Session(_db(settings)) as session:
         rows = session.exec(select(ApiKey).order_by(col(ApiKey.id))).all()
@@ -81,8 +81,8 @@ def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> None:
-    from server.db import session_scope
     from server.identity import revoke_api_key
+    from store.db import session_scope
 
     with session_scope(_db(settings)) as session:
         row = revoke_api_key(session, args.key)
@@ -95,8 +95,9 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
     """One full cycle now, in the foreground; prints progress and the decision."""
     import time
 
-    from server.models import TrainingRun
-    from server.retraining import CycleBusy, start_cycle
+    from server.retraining import start_cycle
+    from store.run_lease import CycleBusy
+    from store.tables import TrainingRun
 
     db = _db(settings)
     try:
@@ -155,7 +156,7 @@ def _decision_text(run) -> str:
 
 
 def cmd_adapters_list(args: argparse.Namespace, settings: Settings) -> None:
-    from server.adapter_versions import list_versions
+    from store.registry import list_versions
 
     with Session(_db(settings)) as session:
         rows = list_versions(session)
@@ -178,30 +179,31 @@ def _num(value) -> str:
 
 
 def _change_active(settings: Settings, change) -> None:
-    from server.adapter_versions import AdapterError
-    from server.db import session_scope
+    from store.db import session_scope
+    from store.errors import StoreError
 
     try:
         with session_scope(_db(settings)) as session:
             row = change(session)
             name = row.name if row else "the base model"
-    except AdapterError as exc:
+    except StoreError as exc:
         raise CliError(str(exc)) from exc
     print(f"active: {name} (running servers swap to it within a few seconds)")
 
 
 def cmd_adapters_activate(args: argparse.Namespace, settings: Settings) -> None:
-    from server.adapter_versions import AdapterError, activate, parse_version
+    from store.errors import StoreError
+    from store.registry import activate, parse_version
 
     try:
-        version = None if args.version.lower() == "base" else parse_version(args.version)
-    except AdapterError as exc:
+        version = parse_version(args.version)
+    except StoreError as exc:
         raise CliError(str(exc)) from exc
     _change_active(settings, lambda session: activate(session, version))
 
 
 def cmd_adapters_rollback(args: argparse.Namespace, settings: Settings) -> None:
-    from server.adapter_versions import rollback
+    from store.registry import rollback
 
     _change_active(settings, rollback)
 
@@ -229,7 +231,8 @@ class _LineProgress:
 def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
     from pathlib import Path
 
-    from trainer.datasets_export import default_filename, export_dataset, parse_since
+    from store.db import session_scope
+    from store.exchange.export import NothingToExport, default_filename, export_dataset, parse_since
 
     try:
         since = parse_since(args.since)
@@ -244,13 +247,16 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
         output = settings.data_dir / "exports" / name
     elif output.is_dir():
         output = output / name
-    with Session(_db(settings)) as session:
-        try:
+    try:
+        with session_scope(_db(settings)) as session:
             report = export_dataset(
-                session, args.format, output, file_format, args.split, since, progress=_progress
+                session, args.format, output, file_format, args.split, since, progress=_progress,
+                eval_share=settings.eval_share,
             )
-        except (ValueError, OSError) as exc:
-            raise CliError(f"export failed: {exc}") from exc
+    except NothingToExport as exc:
+        raise CliError(exc.message) from exc
+    except (ValueError, OSError) as exc:
+        raise CliError(f"export failed: {exc}") from exc
     what = "feedback records" if args.format == "feedback" else f"pairs (split {args.split})"
     print(f"exported {report.rows} {what} as {args.format} {file_format} to {report.path}")
     for extra in report.extra_files:
@@ -264,8 +270,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> None:
 
     from sqlalchemy.exc import IntegrityError
 
-    from server.db import session_scope
-    from trainer.datasets_import import DatasetImportError, import_dataset
+    from store.db import session_scope
+    from store.exchange.importing import DatasetImportError, import_dataset
 
     path = Path(args.file)
     if not path.is_file():

@@ -15,8 +15,8 @@ from server import admin_auth
 from server.answers import AnswerService
 from server.errors import ApiError
 from server.identity import csrf_token_valid, user_for_api_key
-from server.models import User
-from server.settings import Settings
+from store.settings import Settings
+from store.tables import User
 
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf_token"

@@ -10,6 +10,7 @@ Shape (the OpenAI one, so OpenAI clients surface the message)::
 from __future__ import annotations
 
 import logging
+from html import escape
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.base import EngineUnavailable
+from store import errors as store_errors
 
 log = logging.getLogger("tuneloop.errors")
 
@@ -35,6 +37,24 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+# Each store error class has one status; a status is never chosen by message text.
+STORE_ERROR_STATUS: dict[type[store_errors.StoreError], int] = {
+    store_errors.InvalidInput: 400,
+    store_errors.LimitExceeded: 400,
+    store_errors.NotFound: 404,
+    store_errors.UnknownAdapterVersion: 404,
+    store_errors.Conflict: 409,
+    store_errors.VersionNotServable: 409,
+}
+
+
+def store_error_status(exc: store_errors.StoreError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STORE_ERROR_STATUS:
+            return STORE_ERROR_STATUS[cls]
+    return 400
 
 
 class ApiError(Exception):
@@ -68,8 +88,6 @@ def _wants_html(request: Request) -> bool:
 def error_response(request: Request, status: int, message: str, param: str | None = None):
     headers = {"Retry-After": "10"} if status == 503 else None
     if _wants_html(request):
-        from html import escape
-
         fragment = f'<div class="error" role="alert"><strong>Error {status}:</strong> {escape(message)}</div>'
         # htmx does not swap 4xx/5xx by default; the page's script shows it in the error bar.
         return HTMLResponse(fragment, status_code=status, headers=headers)
@@ -96,6 +114,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return error_response(request, exc.status, exc.message, exc.param)
+
+    @app.exception_handler(store_errors.StoreError)
+    async def _store_error(request: Request, exc: store_errors.StoreError):
+        return error_response(request, store_error_status(exc), exc.message, exc.field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):

@@ -14,7 +14,7 @@ import secrets
 from itsdangerous import BadSignature, URLSafeSerializer
 from sqlmodel import Session, select
 
-from server.models import ApiKey, User, utcnow
+from store.tables import ApiKey, User, utcnow
 
 COOKIE_NAME = "tuneloop_id"
 KEY_PREFIX = "tl-"

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.models import AdapterVersion, Comparison, Feedback, PreferencePair, TrainingRun
+from store.tables import AdapterVersion, Comparison, Feedback, PreferencePair, TrainingRun
 
 log = logging.getLogger("tuneloop.metrics")
 

@@ -1,10 +1,9 @@
 """Starting retraining cycles, from the scheduler, the admin API or the CLI.
 
-``start_cycle`` creates the ``TrainingRun`` row and takes the ``retrain`` lease
-for it in one transaction, so of two requests at once exactly one gets a run
-(the other gets ``CycleBusy`` naming the run in progress), even across server
-processes. The cycle itself runs in a separate process (``python -m trainer``):
-a crash there, even an out-of-memory kill, never touches serving. A watcher
+``start_cycle`` opens a run under the retrain lease (``store.run_lease``: of two
+requests at once exactly one gets a run, the other ``CycleBusy``, even across
+server processes) and starts the trainer for it. The cycle itself runs in a
+separate process (``python -m trainer``): a crash there, even an out-of-memory kill, never touches serving. A watcher
 thread marks the run failed if that process exits without finishing it.
 """
 
@@ -16,26 +15,17 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
 
-from server import leases
-from server.db import session_scope
-from server.models import TrainingRun, utcnow
-from server.settings import Settings
+from store.db import session_scope
+from store.run_lease import open_run, release_run
+from store.settings import Settings
+from store.tables import TrainingRun, utcnow
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LEASE_TTL_S = 60.0  # trainer.cycle renews it every 10 s
 SECRET_FIELDS = {"admin_token", "secret_key", "env"}
-
-
-class CycleBusy(Exception):
-    def __init__(self, run_id: int | None) -> None:
-        super().__init__(f"retraining run {run_id} is already in progress")
-        self.run_id = run_id
 
 
 @dataclass
@@ -43,31 +33,6 @@ class StartedCycle:
     run_id: int
     process: subprocess.Popen
     log_path: Path
-
-
-def _holder_run_id(holder: str | None) -> int | None:
-    if holder and holder.startswith("run:") and holder[4:].isdigit():
-        return int(holder[4:])
-    return None
-
-
-def reap_stale_runs(session: Session, now=None) -> list[int]:
-    """Mark runs failed whose process stopped renewing its heartbeat (killed,
-    crashed, machine restarted). Returns their ids."""
-    now = now or utcnow()
-    stale_before = now - timedelta(seconds=LEASE_TTL_S * 2)
-    reaped = []
-    for run in session.exec(select(TrainingRun).where(col(TrainingRun.status).in_(("queued", "running")))).all():
-        last = run.heartbeat_at or run.started_at or run.created_at
-        if last.tzinfo is None:
-            last = last.replace(tzinfo=now.tzinfo)
-        if last < stale_before:
-            run.status = "failed"
-            run.finished_at = now
-            run.error = (run.error or "") + "the training process stopped responding (killed or crashed)"
-            session.add(run)
-            reaped.append(run.id)
-    return reaped
 
 
 def _settings_file(settings: Settings, run_id: int) -> Path:
@@ -85,17 +50,7 @@ def _settings_file(settings: Settings, run_id: int) -> Path:
 def start_cycle(settings: Settings, db: Engine, trigger: str) -> StartedCycle:
     """Create a run, take the lease, and start the trainer process for it.
     Raises CycleBusy if another cycle holds the lease."""
-    with session_scope(db) as session:
-        reap_stale_runs(session)
-    with session_scope(db) as session:
-        run = TrainingRun(status="queued", trigger=trigger)
-        session.add(run)
-        session.flush()
-        if not leases.acquire(session, leases.RETRAIN, f"run:{run.id}", LEASE_TTL_S):
-            holder = leases.current_holder(session, leases.RETRAIN)
-            session.rollback()
-            raise CycleBusy(_holder_run_id(holder))
-        run_id = run.id
+    run_id = open_run(db, trigger)
     settings_path = _settings_file(settings, run_id)
     log_path = settings.runs_dir / f"run-{run_id}.log"
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1"}
@@ -133,7 +88,7 @@ def _watch_process(db: Engine, run_id: int, process: subprocess.Popen, log_path:
             run.finished_at = utcnow()
             run.error = f"{reason}; log tail:\n{_tail(log_path)}"
             session.add(run)
-        leases.release(session, leases.RETRAIN, f"run:{run_id}")
+        release_run(session, run_id)
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

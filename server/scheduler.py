@@ -18,10 +18,13 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from server import leases
-from server.db import session_scope
-from server.retraining import CycleBusy, start_cycle
-from server.settings import Settings
+from server.retraining import start_cycle
+from store import leases
+from store.db import session_scope
+from store.pairs import build_pairs
+from store.run_lease import CycleBusy
+from store.selection import count_new_pairs
+from store.settings import Settings
 
 log = logging.getLogger("tuneloop.scheduler")
 
@@ -69,9 +72,6 @@ class RetrainScheduler:
         exist. Returns the started run id, or None."""
         if not self.is_leader():
             return None
-        from trainer.pairs import build_pairs
-        from trainer.selection import count_new_pairs
-
         with session_scope(self.db) as session:
             build_pairs(session, self.settings.eval_share)
         with Session(self.db) as session:

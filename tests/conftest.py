@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from server.settings import Settings
+from store.settings import Settings
 
 pytest_plugins = ["tests.support.fixtures"]
 

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from server.settings import Settings
+    from store.settings import Settings
     from trainer.cycle import run_cycle
 
     settings = Settings.model_validate_json(args.settings.read_text())

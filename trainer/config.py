@@ -1,11 +1,16 @@
-"""Training configuration: one dataclass, help text per field.
+"""Training configuration of one cycle: one dataclass, help text per field.
+
+It holds every knob a cycle reads -- pair selection, ORPO, the gate -- and is
+built from the server's ``Settings`` in one place, :meth:`TrainConfig.from_settings`.
 
 Defaults that differ from TRL's ``ORPOConfig`` on purpose:
 
-- ``learning_rate`` 1e-4 instead of 1e-6: TRL's default is for full
+- ``learning_rate`` 3e-4 instead of 1e-6: TRL's default is for full
   fine-tuning; a LoRA adapter continued on a handful of nightly pairs (a few
-  optimizer steps) barely moves at 1e-6. 1e-4 is the usual LoRA rate and still
-  lets the gate catch a run that drifts.
+  optimizer steps) barely moves at 1e-6, and bench/learning.py found 1e-4 too
+  slow as well. The gate catches a run that drifts.
+- ``beta`` (ORPO's lambda) 0.5 instead of 0.1: on few pairs 0.1 left the
+  preference term too weak next to the NLL.
 - ``max_length`` 512 instead of 1024: chat turns collected here are short, and
   on CPU every padded token costs time.
 - ``gradient_checkpointing`` is decided by the trainer (on for GPU, off for
@@ -25,7 +30,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-MAX_LORA_RANK = 16
+from store.settings import Settings
 
 
 @dataclass
@@ -33,9 +38,14 @@ class TrainConfig:
     lora_r: int = field(
         default=8,
         metadata={
-            "help": "LoRA rank for a new adapter (continued adapters keep their parent's rank). At most 16, and "
-            "the serving engine's max_lora_rank must be at least this."
+            "help": "LoRA rank for a new adapter (continued adapters keep their parent's rank). At most "
+            "max_lora_rank."
         },
+    )
+    max_lora_rank: int = field(
+        default=16,
+        metadata={"help": "Largest rank the serving engine loads (TUNELOOP_MAX_LORA_RANK); a saved adapter above "
+                  "it is refused."},
     )
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input during training."})
@@ -83,12 +93,22 @@ class TrainConfig:
             "(bitsandbytes). GPU only; refused on CPU."
         },
     )
+    eval_share: float = field(
+        default=0.1, metadata={"help": "Share of pairs held out for the gate (decided once per pair, by its hash)."}
+    )
+    max_pairs_per_user: int = field(
+        default=50, metadata={"help": "Most new pairs one user contributes to a run."}
+    )
     replay_fraction: float = field(
         default=0.5,
         metadata={
             "help": "Share of the training set made of older, already-trained pairs replayed next to the new "
             "ones, against forgetting (0 = new pairs only)."
         },
+    )
+    gate_max_eval_pairs: int = field(
+        default=256,
+        metadata={"help": "Most held-out pairs the gate scores (the newest half plus a sample of older ones)."},
     )
     gate_min_accuracy_gain: float = field(
         default=0.0,
@@ -107,7 +127,7 @@ class TrainConfig:
         default=0.05,
         metadata={
             "help": "Relative worsening of the sanity-set NLL the gate tolerates (0.05 = candidate may be up to 5% "
-            "worse than the active adapter)."
+            "worse than the base model: a fixed budget, so drift cannot compound over promotions)."
         },
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass during evaluation."})
@@ -123,8 +143,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not 1 <= self.lora_r <= MAX_LORA_RANK:
-            problems.append(f"lora_r must be between 1 and {MAX_LORA_RANK}, got {self.lora_r}")
+        if not 1 <= self.lora_r <= self.max_lora_rank:
+            problems.append(f"lora_r must be between 1 and max_lora_rank ({self.max_lora_rank}), got {self.lora_r}")
         if self.lora_alpha <= 0:
             problems.append(f"lora_alpha must be positive, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -145,12 +165,37 @@ class TrainConfig:
             )
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append(f"max_steps must be -1 (use epochs) or positive, got {self.max_steps}")
+        if not 0.0 <= self.eval_share < 1.0:
+            problems.append(f"eval_share must be in [0, 1), got {self.eval_share}")
+        for name in ("max_pairs_per_user", "gate_max_eval_pairs"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.replay_fraction < 1.0:
             problems.append(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
         if self.gate_sanity_nll_tolerance < 0:
             problems.append(f"gate_sanity_nll_tolerance must not be negative, got {self.gate_sanity_nll_tolerance}")
         if problems:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrainConfig:
+        """The one place the server's settings become a cycle's configuration."""
+        return cls(
+            epochs=settings.train_epochs,
+            max_steps=settings.train_max_steps,
+            learning_rate=settings.train_learning_rate,
+            batch_size=settings.train_batch_size,
+            beta=settings.train_beta,
+            qlora=settings.train_qlora,
+            max_lora_rank=settings.max_lora_rank,
+            eval_share=settings.eval_share,
+            max_pairs_per_user=settings.max_pairs_per_user,
+            replay_fraction=settings.replay_fraction,
+            gate_max_eval_pairs=settings.gate_max_eval_pairs,
+            gate_min_accuracy_gain=settings.gate_min_accuracy_gain,
+            gate_min_margin_gain=settings.gate_min_margin_gain,
+            gate_sanity_nll_tolerance=settings.gate_sanity_tolerance,
+        )
 
     def lora_target_modules(self) -> str | list[str]:
         """``target_modules`` in the form ``peft.LoraConfig`` takes."""

@@ -5,7 +5,7 @@
     -> promote (flip the active version in the database) or reject.
 
 The caller has already created the ``TrainingRun`` row and taken the
-``retrain`` lease for it (``server.retraining.start_cycle``). While this runs, a
+``retrain`` lease for it (``store.run_lease.open_run``). While this runs, a
 heartbeat renews the lease and the run's ``heartbeat_at``; if the process is
 killed, both go stale and the run is marked failed by whoever looks next.
 Serving is never touched from here: servers notice a new active version in
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -25,74 +24,16 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from server import leases
-from server.adapter_versions import activate, active_version, next_version_number
-from server.db import make_engine, session_scope
-from server.models import AdapterVersion, Message, TrainingRun, TrainingRunPair, utcnow
-from server.settings import Settings
-from trainer.pairs import build_pairs
-from trainer.selection import RunSelection, select_for_run
+from store.db import make_engine, session_scope
+from store.pairs import build_pairs
+from store.registry import activate, active_version, next_version_number, version_id, version_name
+from store.run_lease import Heartbeat, release_run
+from store.selection import RunSelection, select_for_run
+from store.settings import Settings
+from store.tables import AdapterVersion, Message, TrainingRun, TrainingRunPair, utcnow
+from trainer.config import TrainConfig
 
 log = logging.getLogger("tuneloop.trainer")
-
-LEASE_TTL_S = 60.0
-HEARTBEAT_S = 10.0
-
-
-def lease_holder(run_id: int) -> str:
-    return f"run:{run_id}"
-
-
-class Heartbeat:
-    """Renews the retrain lease and the run's heartbeat from a thread, so a long
-    training step never lets them expire while the process is alive."""
-
-    def __init__(self, db: Engine, run_id: int) -> None:
-        self.db = db
-        self.run_id = run_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self.beat()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def beat(self) -> None:
-        with session_scope(self.db) as session:
-            leases.renew(session, leases.RETRAIN, lease_holder(self.run_id), LEASE_TTL_S)
-            run = session.get(TrainingRun, self.run_id)
-            if run is not None:
-                run.heartbeat_at = utcnow()
-                session.add(run)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self.beat()
-            except Exception:  # a busy database must not kill the training
-                log.exception("heartbeat failed; retrying")
-
-
-def train_config_from(settings: Settings):
-    from trainer.config import TrainConfig
-
-    return TrainConfig(
-        epochs=settings.train_epochs,
-        max_steps=settings.train_max_steps,
-        learning_rate=settings.train_learning_rate,
-        batch_size=settings.train_batch_size,
-        beta=settings.train_beta,
-        qlora=settings.train_qlora,
-        replay_fraction=settings.replay_fraction,
-        gate_min_accuracy_gain=settings.gate_min_accuracy_gain,
-        gate_min_margin_gain=settings.gate_min_margin_gain,
-        gate_sanity_nll_tolerance=settings.gate_sanity_tolerance,
-    )
 
 
 def _update_run(db: Engine, run_id: int, **fields: Any) -> None:
@@ -106,7 +47,7 @@ def _update_run(db: Engine, run_id: int, **fields: Any) -> None:
 def _as_training_pairs(session: Session, rows) -> list:
     """Pairs for the trainer; an answer that stopped at its token limit is marked
     incomplete (trained and scored without an end-of-turn token)."""
-    from trainer.pairs_format import Pair
+    from store.exchange.pair_format import Pair
 
     message_ids = {i for r in rows for i in (r.chosen_message_id, r.rejected_message_id) if i is not None}
     cut = set(session.exec(
@@ -141,7 +82,7 @@ def run_cycle(settings: Settings, run_id: int) -> str:
         raise
     finally:
         with session_scope(db) as session:
-            leases.release(session, leases.RETRAIN, lease_holder(run_id))
+            release_run(session, run_id)
         db.dispose()
 
 
@@ -150,13 +91,13 @@ def _run(settings: Settings, db: Engine, run_id: int) -> str:
         db, run_id, status="running", pid=os.getpid(), started_at=utcnow(),
         progress={"phase": "building pairs"},
     )
+    config = TrainConfig.from_settings(settings)
     with session_scope(db) as session:
-        report = build_pairs(session, settings.eval_share)
-    config = train_config_from(settings)
+        report = build_pairs(session, config.eval_share)
     with session_scope(db) as session:
         selection = select_for_run(
-            session, settings.max_pairs_per_user, settings.replay_fraction, seed=run_id,
-            max_eval_pairs=settings.gate_max_eval_pairs, max_train_pairs=config.max_pairs_per_run,
+            session, config.max_pairs_per_user, config.replay_fraction, seed=run_id,
+            max_eval_pairs=config.gate_max_eval_pairs, max_train_pairs=config.max_pairs_per_run,
         )
         active = active_version(session)
         parent = (active.version, active.path) if active else (None, None)
@@ -199,10 +140,10 @@ def _run(settings: Settings, db: Engine, run_id: int) -> str:
     decision, candidate_metrics, active_metrics = _evaluate(settings, parent[1], out_dir, eval_pairs, config)
 
     with session_scope(db) as session:
-        row = session.get(AdapterVersion, _version_id(session, version))
+        row = session.get(AdapterVersion, version_id(session, version))
         row.metrics = {
             "candidate": candidate_metrics, "active": active_metrics,
-            "compared_with": f"v{parent[0]}" if parent[0] else "base",
+            "compared_with": version_name(parent[0]),
             "decision": decision,
         }
         run = session.get(TrainingRun, run_id)
@@ -226,12 +167,6 @@ def _run(settings: Settings, db: Engine, run_id: int) -> str:
         }
         session.add(run)
         return run.status
-
-
-def _version_id(session: Session, version: int) -> int:
-    from sqlmodel import select
-
-    return session.exec(select(AdapterVersion.id).where(AdapterVersion.version == version)).one()
 
 
 def _train(settings, db, run_id, parent_path, pairs, out_dir: Path, config) -> dict[str, Any]:

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from store.exchange.pair_format import Pair, render_answer, render_prompt
 from trainer.config import TrainConfig
-from trainer.pairs_format import Pair, render_answer, render_prompt
 
 SANITY_SET = Path(__file__).with_name("sanity.jsonl")
 FLOAT_SLACK = 1e-9

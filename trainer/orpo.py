@@ -27,8 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trainer.config import MAX_LORA_RANK, TrainConfig
-from trainer.pairs_format import Pair, render_answer, render_prompt
+from store.adapter_files import check_servable
+from store.exchange.pair_format import Pair, render_answer, render_prompt
+from trainer.config import TrainConfig
 
 TRAINING_RECORD = "training.json"
 
@@ -110,7 +111,7 @@ def train_adapter(
         result = train(model, tokenizer, dataset, config, use_gpu, staging / "_trainer", on_step)
         shutil.rmtree(staging / "_trainer", ignore_errors=True)
         save_adapter(model, staging)
-        lora = check_adapter(staging)
+        lora = check_servable(staging, config.max_lora_rank)  # refuse what vLLM would refuse
         record = {
             "base_model": base_model,
             "parent_adapter": parent_adapter,
@@ -195,8 +196,7 @@ def build_model(base_model: str, parent_adapter: str | None, config: TrainConfig
         )
         model = get_peft_model(base, lora)
     else:
-        if not Path(parent_adapter, "adapter_config.json").is_file():
-            raise FileNotFoundError(f"parent adapter {parent_adapter} has no adapter_config.json")
+        check_servable(parent_adapter, config.max_lora_rank)
         model = PeftModel.from_pretrained(base, parent_adapter, is_trainable=True)
 
     if not any(p.requires_grad for p in model.parameters()):
@@ -302,42 +302,6 @@ def save_adapter(model: Any, directory: Path) -> None:
     """Save only the LoRA weights and config (safetensors); no base weights, no tokenizer."""
     model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
     (directory / "README.md").unlink(missing_ok=True)  # PEFT's generated model card says nothing useful here
-
-
-def check_adapter(directory: Path) -> dict[str, Any]:
-    """Refuse an adapter vLLM would reject; return its LoRA settings.
-
-    vLLM serves plain LoRA only: no DoRA, no ``modules_to_save`` (full copies
-    of e.g. ``lm_head``/``embed_tokens``), rank within ``max_lora_rank``.
-    """
-    from safetensors import safe_open
-
-    config_path = directory / "adapter_config.json"
-    weights_path = directory / "adapter_model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise RuntimeError(f"the saved adapter in {directory} lacks adapter_config.json or adapter_model.safetensors")
-    adapter = json.loads(config_path.read_text())
-    problems = []
-    if adapter.get("peft_type") != "LORA":
-        problems.append(f"peft_type is {adapter.get('peft_type')!r}, not 'LORA'")
-    if adapter.get("modules_to_save"):
-        problems.append(f"modules_to_save is set ({adapter['modules_to_save']})")
-    if adapter.get("use_dora"):
-        problems.append("it uses DoRA")
-    if int(adapter.get("r", 0)) > MAX_LORA_RANK:
-        problems.append(f"its rank {adapter.get('r')} is above {MAX_LORA_RANK}")
-    with safe_open(str(weights_path), framework="pt") as weights:
-        names = weights.keys()  # safe_open is not iterable
-    non_lora = [name for name in names if "lora_" not in name]
-    if non_lora:
-        problems.append(f"it stores non-LoRA tensors such as {non_lora[:3]}")
-    if problems:
-        raise RuntimeError("the trained adapter cannot be served by vLLM: " + "; ".join(problems))
-    return {
-        "r": adapter.get("r"),
-        "lora_alpha": adapter.get("lora_alpha"),
-        "target_modules": adapter.get("target_modules"),
-    }
 
 
 def _publish(staging: Path, out_dir: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.engine.base import ChatEngine
-from server.settings import Settings
+from store.settings import Settings
 
 
 def build_engine(settings: Settings) -> ChatEngine:

@@ -69,13 +69,14 @@ from server.engine.base import (
     GenerationChunk,
     SamplingSettings,
 )
+from store.adapter_files import AdapterFilesError, check_servable
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from server.settings import Settings
+    from store.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +503,7 @@ class VllmChatEngine:
                     f"adapter name {adapter.name!r} is already used by id {other.lora_id}; "
                     "every adapter version needs its own id, name and folder"
                 )
-        check_adapter_dir(adapter)
+        check_adapter_dir(adapter, self._settings.max_lora_rank)
         request = LoRARequest(adapter.name, adapter.lora_id, str(Path(adapter.path).resolve()))
         self._adapters[adapter.lora_id] = adapter
         self._lora_requests[adapter.lora_id] = request
@@ -628,17 +629,15 @@ def write_identity_adapter(model_dir: Path, folder: Path, rank: int = 8) -> None
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
-def check_adapter_dir(adapter: AdapterRef) -> None:
-    """Refuse early, with a clear message, a folder that cannot hold an adapter."""
-    path = Path(adapter.path)
-    if not path.is_dir():
-        raise AdapterLoadError(f"adapter {adapter.name!r}: folder {path} does not exist")
-    if not (path / "adapter_config.json").is_file():
-        raise AdapterLoadError(
-            f"adapter {adapter.name!r}: {path} has no adapter_config.json (save it with PEFT's save_pretrained)"
-        )
+def check_adapter_dir(adapter: AdapterRef, max_rank: int) -> None:
+    """Refuse early, with a clear message naming the adapter, a folder that is
+    not a servable LoRA (``store.adapter_files``, the one definition)."""
     if adapter.lora_id < 1:
         raise AdapterLoadError(f"adapter {adapter.name!r}: lora_id must be > 0")
+    try:
+        check_servable(adapter.path, max_rank)
+    except AdapterFilesError as exc:
+        raise AdapterLoadError(f"adapter {adapter.name!r}: {exc}") from exc
 
 
 def _shutdown_quietly(llm: AsyncLLM) -> None:

@@ -9,11 +9,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlmodel import col, select
 
-from server.adapter_versions import AdapterError, activate, get_version, list_versions, parse_version, rollback
 from server.deps import AdminDep, SessionDep, SettingsDep
 from server.errors import ApiError, error_body
-from server.models import AdapterVersion, PreferencePair, TrainingRun, TrainingRunPair
-from server.retraining import CycleBusy, start_cycle
+from server.retraining import start_cycle
+from store.errors import UnknownAdapterVersion
+from store.registry import activate, get_version, lineage_pairs, list_versions, parse_version, rollback, version_name
+from store.run_lease import CycleBusy
+from store.tables import AdapterVersion, TrainingRun
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
 
@@ -38,7 +40,7 @@ def adapter_json(row: AdapterVersion) -> dict[str, Any]:
 
 
 def _name(version: int | None) -> str | None:
-    return f"v{version}" if version is not None else None
+    return version_name(version) if version is not None else None
 
 
 def _iso(value) -> str | None:
@@ -75,48 +77,36 @@ def adapters(_: AdminDep, session: SessionDep) -> list[dict[str, Any]]:
     return [adapter_json(r) for r in list_versions(session)]
 
 
-def _version_or_400(text: str) -> int:
-    try:
-        return parse_version(text)
-    except AdapterError as exc:
-        raise ApiError(400, str(exc), "version") from exc
-
-
 @router.post("/adapters/{version}/activate")
 def activate_version(version: str, _: AdminDep, session: SessionDep) -> dict[str, Any]:
-    number = _version_or_400(version)
-    try:
-        row = activate(session, number)
-    except AdapterError as exc:
-        raise ApiError(404 if "there is no" in str(exc) else 409, str(exc)) from exc
+    """``version``: v3, 3, or base (serve the base model)."""
+    row = activate(session, parse_version(version))
     session.commit()
     return {"active": row.name if row else None, "note": "servers swap to it within a few seconds"}
 
 
 @router.post("/adapters/rollback")
 def rollback_adapter(_: AdminDep, session: SessionDep) -> dict[str, Any]:
-    try:
-        row = rollback(session)
-    except AdapterError as exc:
-        raise ApiError(409, str(exc)) from exc
+    row = rollback(session)
     session.commit()
     return {"active": row.name if row else None}
+
+
+def _adapter_number(text: str) -> int:
+    """A version that must name an adapter (``base`` has no lineage)."""
+    number = parse_version(text)
+    if number is None:
+        raise UnknownAdapterVersion("the base model is no adapter version; name one such as v3", "version")
+    return number
 
 
 @router.get("/adapters/{version}/lineage")
 def lineage(version: str, _: AdminDep, session: SessionDep) -> dict[str, Any]:
     """The version, its parent, its run and evaluation, and the pairs it trained
     on with the feedback rows they came from."""
-    try:
-        row = get_version(session, _version_or_400(version))
-    except AdapterError as exc:
-        raise ApiError(404, str(exc)) from exc
+    row = get_version(session, _adapter_number(version))
     run = session.get(TrainingRun, row.training_run_id) if row.training_run_id else None
-    pairs = session.exec(
-        select(TrainingRunPair, PreferencePair)
-        .where(TrainingRunPair.pair_id == PreferencePair.id, TrainingRunPair.run_id == row.training_run_id)
-        .order_by(col(PreferencePair.id))
-    ).all() if run else []
+    pairs = lineage_pairs(session, row)
     return {
         "adapter": adapter_json(row),
         "parent": _name(row.parent_version),

@@ -26,8 +26,8 @@ from starlette.background import BackgroundTask
 
 from server.deps import AdminDep, SessionDep, SettingsDep
 from server.errors import ApiError, error_body
-from trainer.datasets_export import DATASET_INFO, default_filename, export_dataset, parse_since
-from trainer.datasets_import import DatasetImportError, import_dataset
+from store.exchange.export import DATASET_INFO, default_filename, export_dataset, parse_since
+from store.exchange.importing import DatasetImportError, import_dataset
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
 
@@ -38,6 +38,7 @@ MEDIA_TYPES = {"jsonl": "application/x-ndjson", "parquet": "application/vnd.apac
 def export(
     _: AdminDep,
     session: SessionDep,
+    settings: SettingsDep,
     format: Literal["trl", "axolotl", "llamafactory", "feedback"] = "trl",
     file_format: Literal["jsonl", "parquet"] = "jsonl",
     split: Literal["train", "eval", "all"] = "all",
@@ -51,7 +52,10 @@ def export(
     cleanup = BackgroundTask(shutil.rmtree, workdir, ignore_errors=True)
     try:
         name = default_filename(format, file_format, split)
-        report = export_dataset(session, format, workdir / name, file_format, split, since_at)
+        report = export_dataset(
+            session, format, workdir / name, file_format, split, since_at, eval_share=settings.eval_share
+        )
+        session.commit()  # the pairs the export built
         path, media_type = report.path, MEDIA_TYPES[file_format]
         if format == "llamafactory":
             path, media_type = workdir / f"{Path(name).stem}.zip", MEDIA_TYPES["zip"]

@@ -18,15 +18,17 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlmodel import col, select
 
 from server import admin_views
-from server.adapter_versions import AdapterError, activate, active_version, get_version, list_versions, rollback
 from server.deps import SessionDep, SettingsDep
-from server.errors import ApiError
+from server.errors import ApiError, store_error_status
 from server.identity import create_api_key, revoke_api_key
-from server.models import ApiKey, TrainingRun
 from server.plots import training_charts
-from server.retraining import CycleBusy, start_cycle
+from server.retraining import start_cycle
 from server.routes import admin as admin_api
 from server.routes.admin_session import AdminPage, AdminRoute, is_htmx, render
+from store.errors import StoreError, UnknownAdapterVersion
+from store.registry import activate, active_version, get_version, list_versions, parse_version, rollback
+from store.run_lease import CycleBusy
+from store.tables import ApiKey, TrainingRun
 
 router = APIRouter(prefix="/admin", tags=["admin pages"], include_in_schema=False, route_class=AdminRoute)
 
@@ -36,7 +38,7 @@ _VERSION_OR_BASE = re.compile(r"^(v\d{1,9}|base)$")
 
 def _version_number(text: str) -> int:
     """``v3`` or ``3`` -> 3; anything else is a 400 saying how to write it."""
-    return admin_api._version_or_400(text)
+    return admin_api._adapter_number(text)
 
 
 # --- training runs -------------------------------------------------------------
@@ -89,7 +91,7 @@ def run_page(run_id: int, request: Request, admin: AdminPage, session: SessionDe
     if run.adapter_version is not None:
         try:
             adapter = get_version(session, run.adapter_version)
-        except AdapterError:
+        except UnknownAdapterVersion:
             adapter = None
     metrics = run.metrics if isinstance(run.metrics, dict) else {}
     context = {
@@ -174,8 +176,9 @@ def confirm_rollback(request: Request, admin: AdminPage, session: SessionDep) ->
 def rollback_adapter(request: Request, admin: AdminPage, session: SessionDep) -> Response:
     try:
         row = rollback(session)
-    except AdapterError as exc:
-        return _adapters_answer(request, admin, session, {"kind": "error", "text": str(exc)}, 409, "")
+    except StoreError as exc:
+        return _adapters_answer(request, admin, session, {"kind": "error", "text": exc.message},
+                                store_error_status(exc), "")
     session.commit()
     target = row.name if row else "base"
     text = f"Rolled back: {row.name if row else 'the base model'} now serves; servers swap within a few seconds."
@@ -184,10 +187,7 @@ def rollback_adapter(request: Request, admin: AdminPage, session: SessionDep) ->
 
 @router.get("/adapters/{version}/activate", response_class=HTMLResponse)
 def confirm_activate(version: str, request: Request, admin: AdminPage, session: SessionDep) -> HTMLResponse:
-    try:
-        row = get_version(session, _version_number(version))
-    except AdapterError as exc:
-        raise ApiError(404, str(exc)) from exc
+    row = get_version(session, _version_number(version))
     current = active_version(session)
     return render(request, "confirm.html", {
         "nav": "adapters", "title": f"Activate {row.name}?",
@@ -200,12 +200,11 @@ def confirm_activate(version: str, request: Request, admin: AdminPage, session: 
 
 @router.post("/adapters/{version}/activate")
 def activate_adapter(version: str, request: Request, admin: AdminPage, session: SessionDep) -> Response:
-    number = _version_number(version)
     try:
-        row = activate(session, number)
-    except AdapterError as exc:
-        status = 404 if "there is no" in str(exc) else 409
-        return _adapters_answer(request, admin, session, {"kind": "error", "text": str(exc)}, status, "")
+        row = activate(session, parse_version(version))
+    except StoreError as exc:
+        return _adapters_answer(request, admin, session, {"kind": "error", "text": exc.message},
+                                store_error_status(exc), "")
     session.commit()
     name = row.name if row else "base"
     text = f"{name} is now active; servers swap to it within a few seconds."

@@ -18,9 +18,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from server import admin_auth, admin_views
 from server.deps import SessionDep, SettingsDep
 from server.errors import ApiError
-from server.models import Conversation
 from server.plots import daily_feedback_chart
 from server.routes.admin_session import AdminPage, AdminRoute, render, safe_next, wants_fragment
+from store.tables import Conversation
 
 router = APIRouter(prefix="/admin", tags=["admin pages"], include_in_schema=False, route_class=AdminRoute)
 

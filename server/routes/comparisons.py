@@ -6,27 +6,17 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
 
-from server.conversations import add_chain, start_conversation
-from server.db import session_scope
 from server.deps import AnswersDep, CurrentUser, SessionDep, SettingsDep
 from server.engine.base import SamplingSettings
 from server.errors import ApiError
-from server.models import Message, User
-from server.preferences import ChoiceIn, add_answer_pair, record_choice
-from server.routes.openai_api import ChatMessageIn, validate_chat
+from server.schemas import ChoiceIn, ComparisonIn, validate_chat
+from store.conversations import start_turn
+from store.db import session_scope
+from store.feedback import record_choice
+from store.tables import Message, User
 
 router = APIRouter(prefix="/api", tags=["comparisons"])
-
-
-class ComparisonIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    messages: list[ChatMessageIn] = Field(min_length=1)
-    temperature: float = Field(0.8, gt=0.0, le=2.0, description="> 0: two samples must differ")
-    max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=0, le=2**62)
 
 
 def _answer_json(message: Message) -> dict:
@@ -42,7 +32,7 @@ def _answer_json(message: Message) -> dict:
 async def create_comparison(
     body: ComparisonIn, request: Request, user: CurrentUser, settings: SettingsDep, answers: AnswersDep
 ) -> dict:
-    history = validate_chat(body.messages, settings)
+    history = validate_chat(body.messages, settings, answers=2)
     max_tokens = body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_new_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is over the limit of {settings.max_new_tokens}", "max_tokens")
@@ -55,19 +45,21 @@ async def create_comparison(
         for i in range(2)
     ]
     with session_scope(answers.db) as session:
-        owner = session.get(User, user.id)
-        first_user = next(m["content"] for m in history if m["role"] == "user")
-        conversation = start_conversation(session, owner, "api", first_user)
-        parent = add_chain(session, conversation, history)
-        comparison, a, b = add_answer_pair(session, owner, conversation, parent, *samplings)
-        ids = (comparison.id, a.id, b.id)
+        turn = start_turn(
+            session, session.get(User, user.id), None, history, samplings,
+            max_turns=settings.max_turns, source="api", compare=True,
+        )
+        ids = (turn.comparison.id, turn.answers[0].id, turn.answers[1].id)
     done_a, done_b = await asyncio.gather(answers.complete(ids[1]), answers.complete(ids[2]))
     return {"id": ids[0], "a": _answer_json(done_a), "b": _answer_json(done_b)}
 
 
 @router.post("/comparisons/{comparison_id}/choice")
-def choose(comparison_id: int, body: ChoiceIn, request: Request, user: CurrentUser, session: SessionDep) -> dict:
-    comparison = record_choice(session, user, comparison_id, body.winner)
+def choose(
+    comparison_id: int, body: ChoiceIn, request: Request, user: CurrentUser, session: SessionDep,
+    settings: SettingsDep,
+) -> dict:
+    comparison = record_choice(session, user, comparison_id, body.winner, eval_share=settings.eval_share)
     session.commit()
     request.app.state.metrics.feedback(f"choice_{body.winner}")
     return {"id": comparison.id, "winner": comparison.winner, "decided_at": comparison.decided_at.isoformat()}

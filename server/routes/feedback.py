@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from sqlmodel import select
 
-from server.conversations import owned_message
-from server.deps import CurrentUser, SessionDep
-from server.models import Feedback, Message
-from server.preferences import FeedbackIn, record_feedback
+from server.deps import CurrentUser, SessionDep, SettingsDep
+from server.schemas import FeedbackIn
+from store.conversations import owned_message
+from store.feedback import record_feedback
+from store.tables import Feedback, Message
 
 router = APIRouter(prefix="/api", tags=["feedback"])
 
@@ -50,9 +51,12 @@ def get_message(message_id: int, user: CurrentUser, session: SessionDep) -> dict
 
 @router.post("/messages/{message_id}/feedback")
 def post_feedback(
-    message_id: int, body: FeedbackIn, request: Request, user: CurrentUser, session: SessionDep
+    message_id: int, body: FeedbackIn, request: Request, user: CurrentUser, session: SessionDep,
+    settings: SettingsDep,
 ) -> dict:
-    feedback = record_feedback(session, user, message_id, body)
+    feedback = record_feedback(
+        session, user, message_id, body.rating, body.comment, body.tags, eval_share=settings.eval_share
+    )
     session.commit()
     request.app.state.metrics.feedback(f"thumbs_{body.rating}")
     return {"message_id": message_id, **(feedback_json(feedback) or {})}

@@ -13,93 +13,21 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.answers import AnswerJob
 from server.deps import AnswersDep, CurrentUser, SettingsDep
 from server.engine.base import GenerationChunk, SamplingSettings
-from server.errors import ApiError
-from server.settings import Settings
+from server.errors import ApiError, error_body
+from server.schemas import ChatCompletionRequest, validate_chat
+from store.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 SERVED_NAME = "tuneloop"
 _PLACEHOLDER = "\u0000tuneloop-delta\u0000"  # never in an id or model name: they come from us
-
-
-class ContentPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    messages: list[ChatMessageIn] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=4)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return value
-
-
-def validate_chat(messages: list[ChatMessageIn], settings: Settings) -> list[dict[str, str]]:
-    """Check the history against tuneloop's limits; return it as plain dicts."""
-    if len(messages) + 1 > settings.max_turns:
-        raise ApiError(
-            400, f"{len(messages)} messages is over the limit of {settings.max_turns} "
-            "(TUNELOOP_MAX_TURNS)", "messages",
-        )
-    plain = []
-    for i, message in enumerate(messages):
-        text = message.text()
-        if len(text) > settings.max_message_chars:
-            raise ApiError(
-                400,
-                f"messages.{i}.content is {len(text)} characters; the limit is "
-                f"{settings.max_message_chars} (TUNELOOP_MAX_MESSAGE_CHARS)",
-                f"messages.{i}.content",
-            )
-        plain.append({"role": message.role, "content": text})
-    if plain[-1]["role"] != "user":
-        raise ApiError(400, "the last message must have role `user`", "messages")
-    if not plain[-1]["content"].strip():
-        raise ApiError(400, "the last user message is empty", "messages")
-    return plain
 
 
 def sampling_from(body: ChatCompletionRequest, settings: Settings) -> SamplingSettings:
@@ -157,7 +85,7 @@ async def chat_completions(
     answers: AnswersDep,
 ):
     model = check_model(body.model, request)
-    history = validate_chat(body.messages, settings)
+    history = validate_chat(body.messages, settings, answers=body.n)
     sampling = sampling_from(body, settings)
     answers.check_context_fits(history, sampling.max_tokens)
     if not request.app.state.engine.ready:
@@ -278,8 +206,6 @@ async def _stream_events(
                 completion_tokens += chunk.completion_tokens or 0
                 yield event([{"index": index, "delta": {}, "finish_reason": _openai_finish(chunk.finish_reason)}])
     except Exception as exc:  # the stream has begun: report in-band, as OpenAI does
-        from server.errors import error_body
-
         yield f"data: {json.dumps(error_body(503, f'generation failed: {exc}'))}\n\n"
         return
     if include_usage:

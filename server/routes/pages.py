@@ -16,7 +16,12 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from sqlmodel import Session, col, select
 
-from server.conversations import (
+from server.deps import AnswersDep, BrowserUser, SessionDep, SettingsDep
+from server.engine.base import EngineUnavailable
+from server.errors import ApiError
+from server.identity import csrf_token
+from server.schemas import FeedbackIn
+from store.conversations import (
     add_message,
     check_turn_limit,
     feedback_by_message,
@@ -26,15 +31,11 @@ from server.conversations import (
     owned_message,
     set_leaf,
     siblings,
-    start_conversation,
+    start_turn,
     thread,
 )
-from server.deps import AnswersDep, BrowserUser, SessionDep, SettingsDep
-from server.engine.base import EngineUnavailable
-from server.errors import ApiError
-from server.identity import csrf_token
-from server.models import Comparison, Conversation, Message, User
-from server.preferences import FeedbackIn, add_answer_pair, record_choice, record_feedback
+from store.feedback import record_choice, record_feedback
+from store.tables import Comparison, Conversation, Message, User
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
 
@@ -149,29 +150,24 @@ def _check_text(text: str, max_chars: int) -> str:
 
 
 def _add_turn(
-    session: Session, request: Request, user: User, conversation: Conversation, text: str, answers
-) -> dict:
-    """Store the user's message and one answer, or two as an A/B turn."""
+    session: Session, request: Request, user: User, conversation: Conversation | None, text: str, answers
+) -> tuple[Conversation, dict]:
+    """Store the user's message and one answer, or two as an A/B turn (a new
+    conversation when ``conversation`` is None)."""
     settings = request.app.state.settings
     ab = random.random() < settings.ab_rate
-    check_turn_limit(session, conversation, 3 if ab else 2, settings.max_turns)
-    question = add_message(session, conversation, conversation.current_leaf_id, "user", text)
-    if ab:
-        comparison, _, _ = add_answer_pair(
-            session, user, conversation, question,
-            answers.web_sampling().to_json(), answers.web_sampling().to_json(),
-        )
-        turn = {"question": question, "answer": comparison_view(session, user, comparison, conversation)}
+    turn = start_turn(
+        session, user, conversation, [{"role": "user", "content": text}],
+        [answers.web_sampling().to_json() for _ in range(2 if ab else 1)],
+        max_turns=settings.max_turns, source="web", compare=ab,
+    )
+    conversation = turn.conversation
+    if turn.comparison is not None:
+        answer = comparison_view(session, user, turn.comparison, conversation)
     else:
-        answer = add_message(
-            session, conversation, question.id, "assistant", status="pending",
-            sampling=answers.web_sampling().to_json(),
-        )
-        set_leaf(session, conversation, answer)
-        view = message_view(session, user, answer, conversation)
-        turn = {"question": question, "answer": {"kind": "message", **view}}
+        answer = {"kind": "message", **message_view(session, user, turn.answers[0], conversation)}
     session.commit()
-    return turn
+    return conversation, {"question": turn.question, "answer": answer}
 
 
 async def _finish_without_js(answers, session: Session, conversation: Conversation) -> None:
@@ -189,8 +185,7 @@ async def new_conversation(
     answers: AnswersDep, content: ContentForm,
 ) -> Response:
     text = _check_text(content, settings.max_message_chars)
-    conversation = start_conversation(session, user, "web", text)
-    _add_turn(session, request, user, conversation, text, answers)
+    conversation, _ = _add_turn(session, request, user, None, text, answers)
     url = f"/c/{conversation.id}"
     if _is_htmx(request):
         return Response(status_code=204, headers={"HX-Location": url})
@@ -205,7 +200,7 @@ async def post_message(
 ) -> Response:
     conversation = owned_conversation(session, user, conversation_id)
     text = _check_text(content, settings.max_message_chars)
-    turn = _add_turn(session, request, user, conversation, text, answers)
+    conversation, turn = _add_turn(session, request, user, conversation, text, answers)
     if _is_htmx(request):
         return _render(request, "_turn.html", {"user": user, "conversation": conversation, **turn})
     await _finish_without_js(answers, session, conversation)
@@ -302,6 +297,7 @@ def select_branch(message_id: int, user: BrowserUser, session: SessionDep) -> Re
 @router.post("/answers/{message_id}/feedback")
 def rate_answer(
     message_id: int, request: Request, user: BrowserUser, session: SessionDep,
+    settings: SettingsDep,
     rating: Annotated[str | None, Form()] = None,
     current_rating: Annotated[str | None, Form()] = None,
     comment: Annotated[str, Form(max_length=2000)] = "",
@@ -311,7 +307,7 @@ def rate_answer(
     if chosen not in ("up", "down"):
         raise ApiError(400, "choose thumbs up or thumbs down first", "rating")
     data = FeedbackIn(rating=chosen, comment=comment, tags=[t for t in tags.split(",") if t.strip()])
-    record_feedback(session, user, message_id, data)
+    record_feedback(session, user, message_id, data.rating, data.comment, data.tags, eval_share=settings.eval_share)
     session.commit()
     request.app.state.metrics.feedback(f"thumbs_{chosen}")
     message, conversation = owned_message(session, user, message_id)
@@ -323,12 +319,10 @@ def rate_answer(
 
 @router.post("/comparisons/{comparison_id}/choice")
 def choose(
-    comparison_id: int, request: Request, user: BrowserUser, session: SessionDep,
+    comparison_id: int, request: Request, user: BrowserUser, session: SessionDep, settings: SettingsDep,
     winner: Annotated[str, Form()],
 ) -> Response:
-    if winner not in ("a", "b", "tie", "both_bad"):
-        raise ApiError(400, "winner must be a, b, tie or both_bad", "winner")
-    comparison = record_choice(session, user, comparison_id, winner)  # type: ignore[arg-type]
+    comparison = record_choice(session, user, comparison_id, winner, eval_share=settings.eval_share)  # type: ignore[arg-type]
     session.commit()
     request.app.state.metrics.feedback(f"choice_{winner}")
     conversation = session.get(Conversation, comparison.conversation_id)

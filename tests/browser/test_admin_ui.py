@@ -18,7 +18,7 @@ import pytest
 from sqlmodel import Session, select
 
 from server.engine.fake import FakeChatEngine
-from server.models import AdapterVersion, ApiKey, TrainingRun
+from store.tables import AdapterVersion, ApiKey, TrainingRun
 from tests.conftest import make_settings
 from tests.support.admin_data import Seeded, seed
 from tests.support.live import LiveServer, start_live_server

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from sqlmodel import Session, select
 
-from server.models import Comparison, Conversation, Feedback, Message
+from store.tables import Comparison, Conversation, Feedback, Message
 
 pytestmark = [pytest.mark.engine, pytest.mark.browser]
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 from sqlmodel import Session, select
 
-from server.models import Comparison, Feedback, Message
+from store.tables import Comparison, Feedback, Message
 
 pytestmark = pytest.mark.engine
 

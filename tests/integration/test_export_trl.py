@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session
 
-from server.conversations import add_message, start_conversation
-from server.db import make_engine, session_scope, upgrade
-from server.models import Comparison, Feedback, User
+from store.conversations import add_message, start_conversation
+from store.db import make_engine, session_scope, upgrade
+from store.exchange.export import export_dataset
+from store.pairs import build_pairs
+from store.tables import Comparison, Feedback, User
 from tests.conftest import REPO
-from trainer.datasets_export import export_dataset
-from trainer.pairs import build_pairs
 
 MODEL = str(REPO / "models/smollm2-135m-instruct")
 QUESTIONS = [

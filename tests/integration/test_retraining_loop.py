@@ -14,10 +14,10 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
-from server.db import session_scope
-from server.models import AdapterVersion, Message, PreferencePair, TrainingRun
 from server.scheduler import RetrainScheduler
-from trainer.pairs import build_pairs
+from store.db import session_scope
+from store.pairs import build_pairs
+from store.tables import AdapterVersion, Message, PreferencePair, TrainingRun
 
 pytestmark = pytest.mark.engine
 

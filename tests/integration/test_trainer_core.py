@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from store.exchange.pair_format import Pair, render_answer, render_prompt, to_trl_row
 from tests.conftest import REPO
 from trainer.config import TrainConfig
 from trainer.evaluate import EvalMetrics, evaluate_model, gate, load_sanity_set
 from trainer.orpo import train_adapter
-from trainer.pairs_format import Pair, render_answer, render_prompt, to_trl_row
 
 MODEL = str(REPO / "models/smollm2-135m-instruct")
 

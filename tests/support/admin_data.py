@@ -13,9 +13,9 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy.engine import Engine
 
-from server import leases
-from server.db import session_scope
-from server.models import (
+from store import leases
+from store.db import session_scope
+from store.tables import (
     AdapterVersion,
     Comparison,
     Conversation,

@@ -12,11 +12,11 @@ import uvicorn
 from fastapi import FastAPI
 
 from server.app import create_app
-from server.db import session_scope
 from server.engine.base import ChatEngine
 from server.engine.loop_thread import EngineThread
 from server.identity import create_api_key
-from server.settings import Settings
+from store.db import session_scope
+from store.settings import Settings
 
 
 def free_port() -> int:

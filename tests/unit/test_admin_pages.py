@@ -14,9 +14,9 @@ from sqlmodel import Session, select
 
 from server import admin_auth
 from server.app import create_app
-from server.models import AdapterVersion, ApiKey, TrainingRun
 from server.retraining import StartedCycle
 from server.routes import admin_ops
+from store.tables import AdapterVersion, ApiKey, TrainingRun
 from tests.conftest import make_settings
 from tests.support.admin_data import seed
 from tests.support.html import parse

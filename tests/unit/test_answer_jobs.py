@@ -13,9 +13,9 @@ from sqlmodel import Session, select
 
 from server.answers import AnswerService
 from server.app import create_app
-from server.db import session_scope
 from server.identity import create_api_key
-from server.models import Message
+from store.db import session_scope
+from store.tables import Message
 from tests.conftest import make_settings
 
 BODY = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0}

@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.db import session_scope
 from server.identity import create_api_key
+from store.db import session_scope
 from tests.conftest import make_settings
 
 

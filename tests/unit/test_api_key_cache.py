@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 
 from server.api_key_cache import ApiKeyCache
 from server.app import create_app
-from server.db import session_scope
 from server.identity import create_api_key, revoke_api_key
-from server.models import User
+from store.db import session_scope
+from store.tables import User
 from tests.conftest import make_settings
 
 

@@ -1,4 +1,4 @@
-"""Dataset export and import (trainer.datasets_export / datasets_import), the
+"""Dataset export and import (store.exchange.export / datasets_import), the
 ``tuneloop export|import`` commands and the admin download/upload, on SQLite
 and PostgreSQL."""
 
@@ -17,14 +17,14 @@ from sqlmodel import Session, col, select
 
 from server.app import create_app
 from server.cli import main
-from server.conversations import add_message, start_conversation
-from server.db import make_engine, session_scope, upgrade
-from server.models import Comparison, Feedback, ImportBatch, ImportBatchPair, PreferencePair, User
+from store.conversations import add_message, start_conversation
+from store.db import make_engine, session_scope, upgrade
+from store.exchange.export import NothingToExport, export_dataset, parse_since
+from store.exchange.importing import DatasetImportError, import_dataset
+from store.pairs import build_pairs
+from store.selection import select_for_run
+from store.tables import Comparison, Feedback, ImportBatch, ImportBatchPair, PreferencePair, User
 from tests.conftest import make_settings
-from trainer.datasets_export import export_dataset, parse_since
-from trainer.datasets_import import DatasetImportError, import_dataset
-from trainer.pairs import build_pairs
-from trainer.selection import select_for_run
 
 FORMATS = ("trl", "axolotl", "llamafactory")
 
@@ -131,13 +131,22 @@ def test_export_filters_by_split_and_since(db, tmp_path):
     seed(db)
     with Session(db) as s:
         splits = {r["split"] for r in read_jsonl(export_dataset(s, "trl", tmp_path / "all.jsonl").path)}
+        counts = {}
         for split in ("train", "eval"):
-            rows = read_jsonl(export_dataset(s, "trl", tmp_path / f"{split}.jsonl", split=split).path)
+            try:
+                rows = read_jsonl(export_dataset(s, "trl", tmp_path / f"{split}.jsonl", split=split).path)
+            except NothingToExport:  # one side may hold none of the two pairs
+                rows = []
             assert {r["split"] for r in rows} <= {split}
-        assert sum(len(read_jsonl(tmp_path / f"{x}.jsonl")) for x in ("train", "eval")) == 2
-        future = export_dataset(s, "trl", tmp_path / "later.jsonl", since=parse_since("2999-01-01"))
+            counts[split] = len(rows)
+        assert sum(counts.values()) == 2
+        with pytest.raises(NothingToExport, match="nothing to export: there are no pairs in split all since 2999"):
+            export_dataset(s, "trl", tmp_path / "later.jsonl", since=parse_since("2999-01-01"))
+        empty = export_dataset(s, "trl", tmp_path / "later.parquet", "parquet", since=parse_since("2999-01-01"))
         past = export_dataset(s, "trl", tmp_path / "earlier.jsonl", since=parse_since("2000-01-01"))
-    assert splits <= {"train", "eval"} and (future.rows, past.rows) == (0, 2)
+    assert not (tmp_path / "later.jsonl").exists()
+    assert pq.read_table(empty.path).num_rows == 0 and "chosen" in pq.read_table(empty.path).column_names
+    assert splits <= {"train", "eval"} and past.rows == 2
 
 
 def test_feedback_export_has_thumbs_and_choices(db, tmp_path):
@@ -164,7 +173,9 @@ def test_pairs_llamafactory_cannot_hold_are_skipped_and_counted(db, tmp_path):
             source="import", split="train", content_hash="f" * 64,
         ))
     with Session(db) as s:
-        factory = export_dataset(s, "llamafactory", tmp_path / "lf.jsonl")
+        factory = export_dataset(s, "llamafactory", tmp_path / "lf.parquet", "parquet")
+        with pytest.raises(NothingToExport, match="cannot hold any of the 1 pairs.*alternating"):
+            export_dataset(s, "llamafactory", tmp_path / "lf.jsonl")
         trl = export_dataset(s, "trl", tmp_path / "trl.jsonl")
     assert (factory.rows, factory.skipped, trl.rows) == (0, 1, 1)
     assert "alternating" in factory.skipped_reasons[0]

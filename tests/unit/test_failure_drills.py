@@ -21,12 +21,12 @@ from safetensors.numpy import save_file
 from sqlalchemy import event
 from sqlmodel import Session, func, select
 
-from server.adapter_files import AdapterFilesError, validate_adapter_dir
 from server.app import create_app
-from server.conversations import add_message, start_conversation
-from server.db import make_engine, session_scope, upgrade
 from server.identity import create_api_key
-from server.models import Feedback, User
+from store.adapter_files import AdapterFilesError, check_servable
+from store.conversations import add_message, start_conversation
+from store.db import make_engine, session_scope, upgrade
+from store.tables import Feedback, User
 from tests.conftest import REPO, make_settings
 from tests.support.live import free_port
 
@@ -164,17 +164,17 @@ def _adapter(folder, weights: dict, config: dict | None = None):
 
 def test_damaged_adapter_folders_are_refused(tmp_path):
     good = {"a.lora_A.weight": np.ones((8, 16), dtype=np.float32)}
-    validate_adapter_dir(_adapter(tmp_path / "good", good), max_rank=16)
+    check_servable(_adapter(tmp_path / "good", good), max_rank=16)
     nan = {"a.lora_A.weight": np.full((8, 16), np.nan, dtype=np.float32)}
     with pytest.raises(AdapterFilesError, match="NaN"):
-        validate_adapter_dir(_adapter(tmp_path / "nan", nan), max_rank=16)
+        check_servable(_adapter(tmp_path / "nan", nan), max_rank=16)
     with pytest.raises(AdapterFilesError, match="rank 32"):
-        validate_adapter_dir(_adapter(tmp_path / "big", good, {"peft_type": "LORA", "r": 32}), max_rank=16)
+        check_servable(_adapter(tmp_path / "big", good, {"peft_type": "LORA", "r": 32}), max_rank=16)
     with pytest.raises(AdapterFilesError, match="DoRA"):
-        validate_adapter_dir(_adapter(tmp_path / "dora", good, {"peft_type": "LORA", "r": 8, "use_dora": True}), 16)
+        check_servable(_adapter(tmp_path / "dora", good, {"peft_type": "LORA", "r": 8, "use_dora": True}), 16)
     corrupt = _adapter(tmp_path / "corrupt", good)
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(AdapterFilesError, match="safetensors"):
-        validate_adapter_dir(corrupt, max_rank=16)
+        check_servable(corrupt, max_rank=16)
     with pytest.raises(AdapterFilesError, match="lacks"):
-        validate_adapter_dir(tmp_path / "missing", max_rank=16)
+        check_servable(tmp_path / "missing", max_rank=16)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from sqlmodel import Session
 
 from server.answers import HOST, process_identity, reset_interrupted_answers
-from server.conversations import add_message, start_conversation
-from server.db import make_engine, session_scope, upgrade
-from server.models import Message, User
+from store.conversations import add_message, start_conversation
+from store.db import make_engine, session_scope, upgrade
+from store.tables import Message, User
 
 
 def test_only_dead_local_processes_answers_are_reset(database_url):

@@ -9,9 +9,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
-from server.db import session_scope
 from server.identity import create_api_key
-from server.models import AdapterVersion, PreferencePair, TrainingRun
+from store.db import session_scope
+from store.tables import AdapterVersion, PreferencePair, TrainingRun
 from tests.conftest import make_settings
 
 

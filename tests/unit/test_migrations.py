@@ -7,8 +7,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlmodel import SQLModel
 
-import server.models  # noqa: F401
-from server.db import make_engine, upgrade
+import store.tables  # noqa: F401
+from store.db import make_engine, upgrade
 
 
 def test_upgrade_head_matches_models(database_url: str) -> None:

@@ -8,11 +8,14 @@ from datetime import timedelta
 import pytest
 from sqlmodel import Session, select
 
-from server import leases
-from server.adapter_versions import AdapterError, activate, active_version, mark_failed, rollback
-from server.conversations import add_message, start_conversation
-from server.db import make_engine, session_scope, upgrade
-from server.models import (
+from store import leases
+from store.conversations import add_message, start_conversation
+from store.db import make_engine, session_scope, upgrade
+from store.errors import Conflict, UnknownAdapterVersion, VersionNotServable
+from store.pairs import build_pairs, content_hash, split_for
+from store.registry import activate, active_version, mark_failed, rollback
+from store.selection import cap_eval_pairs, count_new_pairs, select_for_run
+from store.tables import (
     AdapterVersion,
     Comparison,
     Feedback,
@@ -22,8 +25,6 @@ from server.models import (
     User,
     utcnow,
 )
-from trainer.pairs import build_pairs, content_hash, split_for
-from trainer.selection import cap_eval_pairs, count_new_pairs, select_for_run
 
 
 @pytest.fixture
@@ -195,14 +196,14 @@ def test_activate_rollback_and_failed_versions(db):
         assert active_version(s).version == 2
         assert rollback(s).version == 1
         assert rollback(s) is None  # v2 was rolled back from: the base model comes next
-        with pytest.raises(AdapterError, match="nothing to roll back"):
+        with pytest.raises(Conflict, match="nothing to roll back"):
             rollback(s)
         activate(s, 3)
         mark_failed(s, 3, "corrupt weights")
         assert active_version(s) is None
-        with pytest.raises(AdapterError, match="failed"):
+        with pytest.raises(VersionNotServable, match="failed"):
             activate(s, 3)
-        with pytest.raises(AdapterError, match="no adapter v9"):
+        with pytest.raises(UnknownAdapterVersion, match="no adapter v9"):
             activate(s, 9)
         statuses = {row.version: row.status for row in s.exec(select(AdapterVersion)).all()}
     assert statuses == {1: "rolled_back", 2: "rolled_back", 3: "failed"}

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from server.cli import build_parser
-from server.settings import Settings
+from store.settings import Settings
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()

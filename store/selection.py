@@ -28,7 +28,7 @@ from sqlalchemy import and_, exists
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
-from server.models import Message, PreferencePair, TrainingRun, TrainingRunPair, User
+from store.tables import Message, PreferencePair, TrainingRun, TrainingRunPair, User
 
 
 @dataclass

@@ -28,11 +28,11 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from server.models import ImportBatch, ImportBatchPair, PreferencePair
-from trainer.dataset_files import DatasetFileError, read_records
-from trainer.dataset_formats import FORMATS, RecordError, detect_format, from_record
-from trainer.pairs import content_hash, split_for
-from trainer.pairs_format import Pair
+from store.exchange.files import DatasetFileError, read_records
+from store.exchange.formats import FORMATS, RecordError, detect_format, from_record
+from store.exchange.pair_format import Pair
+from store.pairs import content_hash, split_for
+from store.tables import ImportBatch, ImportBatchPair, PreferencePair
 
 MAX_ERRORS_SHOWN = 5
 

@@ -14,7 +14,7 @@ from sqlalchemy import or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from server.models import Lease, utcnow
+from store.tables import Lease, utcnow
 
 RETRAIN = "retrain"
 SCHEDULER = "scheduler"

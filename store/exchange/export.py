@@ -1,7 +1,7 @@
 """Exporting the preference store as datasets (``export_dataset``).
 
 Pairs go out in the shapes TRL, Axolotl and LLaMA-Factory read (see
-``trainer.dataset_formats``), as JSONL or Parquet, with metadata columns:
+``store.exchange.formats``), as JSONL or Parquet, with metadata columns:
 ``pair_id``, ``source`` (comparison | thumbs | import), ``split`` (train |
 eval), ``chosen_adapter_version``/``rejected_adapter_version`` (the adapter
 that produced each answer, e.g. ``"v3"``; null for the base model and for
@@ -26,12 +26,14 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from server.conversations import chat_context
-from server.models import Comparison, Feedback, Message, PreferencePair, User
-from trainer.dataset_files import FILE_FORMATS, write_records
-from trainer.dataset_formats import FORMATS, llamafactory_dataset_info, to_record
-from trainer.pairs_format import Pair
-from trainer.selection import eligible_pairs
+from store.conversations import chat_context
+from store.errors import NotFound
+from store.exchange.files import FILE_FORMATS, write_records
+from store.exchange.formats import FORMATS, llamafactory_dataset_info, to_record
+from store.exchange.pair_format import Pair
+from store.pairs import build_pairs
+from store.selection import eligible_pairs
+from store.tables import Comparison, Feedback, Message, PreferencePair, User
 
 EXPORT_FORMATS = (*FORMATS, "feedback")
 SPLITS = ("train", "eval", "all")
@@ -89,6 +91,11 @@ def parse_since(text: str | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
+class NothingToExport(NotFound):
+    """No record matches: a JSONL file without rows is no dataset ``datasets``
+    can load, so none is written."""
+
+
 def export_dataset(
     session: Session,
     fmt: str,
@@ -97,14 +104,19 @@ def export_dataset(
     split: str = "all",
     since: datetime | None = None,
     progress: Progress = _no_progress,
+    eval_share: float = 0.1,
 ) -> ExportReport:
     """Write the pairs (or, with ``fmt="feedback"``, the raw feedback) to ``output``.
 
-    ``split`` is train, eval or all (ignored for feedback); ``since`` keeps
-    records created at or after it. ``progress`` wraps the row iteration
-    (``tqdm``'s signature: ``progress(iterable, total=..., desc=...)``).
+    Pairs the feedback supports but that are not built yet are built first
+    (``eval_share``: TUNELOOP_EVAL_SHARE), so an export never lags behind the
+    feedback; the caller commits. ``split`` is train, eval or all (ignored for
+    feedback); ``since`` keeps records created at or after it. ``progress`` wraps
+    the row iteration (``tqdm``'s signature: ``progress(iterable, total=..., desc=...)``).
 
-    Raises ``ValueError`` for an unknown format, file format or split.
+    An empty Parquet export is written (its schema makes it a valid empty
+    dataset); an empty JSONL export raises ``NothingToExport`` and writes
+    nothing. Raises ``ValueError`` for an unknown format, file format or split.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
@@ -115,9 +127,20 @@ def export_dataset(
     output = Path(output)
     report = ExportReport(path=output, format=fmt, file_format=file_format, split=split)
     if fmt == "feedback":
-        rows: Iterable[dict[str, Any]] = _feedback_rows(session, since, progress)
+        rows: Iterable[dict[str, Any]] = list(_feedback_rows(session, since, progress))
     else:
+        build_pairs(session, eval_share)
         rows = _pair_rows(session, fmt, split, since, progress, report)
+    if not rows and file_format == "jsonl":
+        what = "feedback" if fmt == "feedback" else f"pairs in split {split}"
+        found = (
+            f"the {fmt} format cannot hold any of the {report.skipped} pairs, e.g. {report.skipped_reasons[0]}"
+            if report.skipped else f"there are no {what}{f' since {since.isoformat()}' if since else ''} yet"
+        )
+        raise NothingToExport(
+            f"nothing to export: {found} (an empty JSONL file is no loadable dataset; "
+            "ask for parquet to get an empty one with its columns)"
+        )
     report.rows = write_records(rows, output, file_format, _parquet_schema(fmt) if file_format == "parquet" else None)
     if fmt == "llamafactory":
         report.extra_files.append(write_dataset_info(output))

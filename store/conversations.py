@@ -8,23 +8,25 @@ stays in the store with its context.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlmodel import Session, col, func, select
 
-from server.errors import ApiError
-from server.models import Comparison, Conversation, Feedback, Message, User, utcnow
+from store.errors import InvalidInput, LimitExceeded, NotFound
+from store.tables import Comparison, Conversation, Feedback, Message, User, utcnow
 
 TITLE_CHARS = 60
 
 
 def owned_conversation(session: Session, user: User, conversation_id: int) -> Conversation:
-    """The conversation if ``user`` owns it; otherwise a 404 (never a 403: don't
-    tell a stranger it exists)."""
+    """The conversation if ``user`` owns it; otherwise NotFound (never "forbidden":
+    don't tell a stranger it exists)."""
     conversation = session.get(Conversation, conversation_id)
     if conversation is None or conversation.user_id != user.id:
-        raise ApiError(404, f"conversation {conversation_id} not found")
+        raise NotFound(f"conversation {conversation_id} not found")
     return conversation
 
 
@@ -32,7 +34,7 @@ def owned_message(session: Session, user: User, message_id: int) -> tuple[Messag
     message = session.get(Message, message_id)
     conversation = session.get(Conversation, message.conversation_id) if message else None
     if message is None or conversation is None or conversation.user_id != user.id:
-        raise ApiError(404, f"message {message_id} not found")
+        raise NotFound(f"message {message_id} not found")
     return message, conversation
 
 
@@ -88,13 +90,19 @@ def count_messages(session: Session, conversation: Conversation) -> int:
     ).one()
 
 
-def check_turn_limit(session: Session, conversation: Conversation, adding: int, max_turns: int) -> None:
-    if count_messages(session, conversation) + adding > max_turns:
-        raise ApiError(
-            400,
+def check_turn_count(stored: int, adding: int, max_turns: int) -> None:
+    """The one rule on a conversation's length: its stored messages (every branch)
+    plus the ones a turn adds stay within ``max_turns``."""
+    if stored + adding > max_turns:
+        raise LimitExceeded(
             f"this conversation has reached its limit of {max_turns} messages "
             "(TUNELOOP_MAX_TURNS); start a new chat",
+            "messages",
         )
+
+
+def check_turn_limit(session: Session, conversation: Conversation, adding: int, max_turns: int) -> None:
+    check_turn_count(count_messages(session, conversation), adding, max_turns)
 
 
 def add_message(
@@ -120,18 +128,6 @@ def add_message(
     conversation.updated_at = utcnow()
     session.add(conversation)
     return message
-
-
-def add_chain(
-    session: Session, conversation: Conversation, messages: Sequence[dict[str, str]]
-) -> Message | None:
-    """Store a linear history (as sent to the OpenAI API); return its last message."""
-    parent: Message | None = None
-    for item in messages:
-        parent = add_message(
-            session, conversation, parent.id if parent else None, item["role"], item["content"]
-        )
-    return parent
 
 
 def set_leaf(session: Session, conversation: Conversation, message: Message) -> None:
@@ -174,3 +170,74 @@ def open_comparisons(session: Session, conversation: Conversation) -> list[Compa
             )
         ).all()
     )
+
+
+@dataclass
+class Turn:
+    """What :func:`start_turn` stored: the question and its answers (A first,
+    then B for a comparison)."""
+
+    conversation: Conversation
+    question: Message
+    answers: list[Message]
+    comparison: Comparison | None = None
+
+
+def start_turn(
+    session: Session,
+    user: User,
+    conversation: Conversation | None,
+    new_messages: Sequence[dict[str, str]],
+    samplings: Sequence[dict[str, Any]],
+    *,
+    max_turns: int,
+    source: str = "web",
+    compare: bool = False,
+    claimed_by: str | None = None,
+    adapter_version: str | None = None,
+) -> Turn:
+    """The one way a turn enters the store (web pages, OpenAI API, comparisons API).
+
+    ``new_messages`` (the question, or a whole history sent to the API) are
+    appended to ``conversation``'s current branch, or start a new conversation
+    when it is None; then one answer per sampling, ``pending`` (or ``streaming``
+    and pinned to ``adapter_version`` when this process already claimed it:
+    ``claimed_by``). ``compare`` makes the two answers an A/B comparison whose
+    sides are a coin flip. Raises InvalidInput (no user question last, not two
+    answers to compare) or LimitExceeded (TUNELOOP_MAX_TURNS). The caller commits.
+    """
+    if not new_messages or new_messages[-1]["role"] != "user" or not new_messages[-1]["content"].strip():
+        raise InvalidInput("the last message must be a non-empty message with role `user`", "messages")
+    if not samplings or (compare and len(samplings) != 2):
+        raise InvalidInput("a turn has at least one answer, and a comparison exactly two", "n")
+    if conversation is None:
+        first_user = next(m["content"] for m in new_messages if m["role"] == "user")
+        conversation = start_conversation(session, user, source, first_user)
+        stored = 0
+    else:
+        stored = count_messages(session, conversation)
+    check_turn_count(stored, len(new_messages) + len(samplings), max_turns)
+    parent_id = conversation.current_leaf_id
+    question: Message | None = None
+    for item in new_messages:
+        question = add_message(session, conversation, parent_id, item["role"], item["content"])
+        parent_id = question.id
+    assert question is not None
+    claim = {"status": "streaming", "claimed_by": claimed_by, "adapter_version": adapter_version} if claimed_by \
+        else {"status": "pending"}
+    answers = [add_message(session, conversation, question.id, "assistant", sampling=s, **claim) for s in samplings]
+    comparison = None
+    if compare:
+        # A coin flip decides which sample is shown as A (left), so a position
+        # bias of the users does not line up with how the answers were made.
+        if random.random() < 0.5:
+            answers.reverse()
+        comparison = Comparison(
+            user_id=user.id, conversation_id=conversation.id,
+            message_a_id=answers[0].id, message_b_id=answers[1].id,
+        )
+        session.add(comparison)
+        session.flush()
+    # The conversation continues from the first answer (A, until the user chooses).
+    set_leaf(session, conversation, answers[0])
+    return Turn(conversation, question, answers, comparison)

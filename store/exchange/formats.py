@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.pairs_format import ROLES, Pair
+from store.exchange.pair_format import ROLES, Pair
 
 FORMATS = ("trl", "axolotl", "llamafactory")
 METADATA_COLUMNS = (

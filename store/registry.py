@@ -1,10 +1,9 @@
 """The adapter registry in the database: which version is active, promotion,
-activation of any earlier version, and rollback.
+activation of any earlier version, rollback, failed versions and lineage.
 
 Changing the active version here is all it takes: every server process polls
-the database (``server.adapter_watcher``) and swaps the engine to the new
-version without a restart. Exactly one row is ``active`` at a time (or none:
-the base model serves).
+the database and swaps its engine to the new version without a restart.
+Exactly one row is ``active`` at a time (or none: the base model serves).
 """
 
 from __future__ import annotations
@@ -13,11 +12,10 @@ from collections.abc import Sequence
 
 from sqlmodel import Session, col, func, select
 
-from server.models import AdapterVersion, utcnow
+from store.errors import Conflict, InvalidInput, UnknownAdapterVersion, VersionNotServable
+from store.tables import AdapterVersion, PreferencePair, TrainingRun, TrainingRunPair, utcnow
 
-
-class AdapterError(ValueError):
-    """An activation that cannot be done (unknown version, failed version, …)."""
+BASE = "base"
 
 
 def list_versions(session: Session) -> Sequence[AdapterVersion]:
@@ -35,16 +33,36 @@ def next_version_number(session: Session) -> int:
 def get_version(session: Session, version: int) -> AdapterVersion:
     row = session.exec(select(AdapterVersion).where(AdapterVersion.version == version)).first()
     if row is None:
-        raise AdapterError(f"there is no adapter v{version}; `tuneloop adapters list` shows them")
+        raise UnknownAdapterVersion(f"there is no adapter v{version}; `tuneloop adapters list` shows them")
     return row
 
 
-def parse_version(text: str) -> int:
-    """``"v3"`` or ``"3"`` -> 3."""
-    value = text.strip().lower().removeprefix("v")
-    if not value.isdigit():
-        raise AdapterError(f"{text!r} is not an adapter version (write it as v3 or 3)")
-    return int(value)
+def version_id(session: Session, version: int) -> int:
+    """The row id of version N (raises UnknownAdapterVersion)."""
+    return get_version(session, version).id  # type: ignore[return-value]
+
+
+def parse_version(text: str) -> int | None:
+    """The one reader of version names (API, dashboard, CLI): ``"v3"`` or ``"3"``
+    -> 3, ``"base"`` -> None (the base model, no adapter).
+
+    >>> parse_version("v3"), parse_version("3"), parse_version("Base")
+    (3, 3, None)
+    """
+    value = text.strip().lower()
+    if value == BASE:
+        return None
+    number = value.removeprefix("v")
+    if not number.isdigit() or len(number) > 9:
+        raise InvalidInput(
+            f"{text!r} is not an adapter version (write it as v3 or 3, or base for the base model)", "version"
+        )
+    return int(number)
+
+
+def version_name(version: int | None) -> str:
+    """3 -> ``"v3"``; None -> ``"base"``."""
+    return BASE if version is None else f"v{version}"
 
 
 def activate(
@@ -55,7 +73,7 @@ def activate(
     Failed versions cannot be activated."""
     target = get_version(session, version) if version is not None else None
     if target is not None and target.status == "failed":
-        raise AdapterError(f"v{version} failed to load before ({target.error}); it cannot be activated")
+        raise VersionNotServable(f"v{version} failed to load before ({target.error}); it cannot be activated")
     current = active_version(session)
     if current is not None and (target is None or current.id != target.id):
         current.status = previous_becomes
@@ -75,7 +93,7 @@ def rollback(session: Session) -> AdapterVersion | None:
     instead of returning to it."""
     current = active_version(session)
     if current is None:
-        raise AdapterError("no adapter is active (the base model serves); nothing to roll back")
+        raise Conflict("no adapter is active (the base model serves); nothing to roll back")
     previous = rollback_target(session, current)
     return activate(session, previous.version if previous else None, previous_becomes="rolled_back")
 
@@ -106,3 +124,15 @@ def mark_failed(session: Session, version: int, error: str) -> None:
     row.error = error[:2000]
     session.add(row)
     session.flush()
+
+
+def lineage_pairs(session: Session, row: AdapterVersion) -> list[tuple[TrainingRunPair, PreferencePair]]:
+    """The pairs the run that made ``row`` trained on or evaluated with, and how
+    each was used (``new``, ``replay``, ``eval``): the way back to the feedback."""
+    if row.training_run_id is None or session.get(TrainingRun, row.training_run_id) is None:
+        return []
+    return list(session.exec(
+        select(TrainingRunPair, PreferencePair)
+        .where(TrainingRunPair.pair_id == PreferencePair.id, TrainingRunPair.run_id == row.training_run_id)
+        .order_by(col(PreferencePair.id))
+    ).all())
