@@ -2,7 +2,7 @@
 
 Each test gets its own database (a fresh SQLite file, or a fresh PostgreSQL
 database for tests parametrised over both). The real vLLM engine is started
-once per test session (``tests/integration/conftest.py``).
+once per test session (``tests/support/fixtures.py``).
 """
 
 from __future__ import annotations

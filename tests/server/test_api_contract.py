@@ -1,6 +1,6 @@
 """HTTP contract on the fake engine: errors, limits, identity, CSRF.
 
-The same behaviours with the real engine are covered in tests/integration.
+The same behaviours with the real engine are covered in tests/server/test_chat_api.py.
 """
 
 from __future__ import annotations

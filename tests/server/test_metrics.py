@@ -1,6 +1,6 @@
 """``GET /metrics``: Prometheus text with requests, tokens, time to first token,
 feedback events, pairs, runs by outcome and the active adapter (fake engine;
-tests/integration/test_chat_api.py reads the same series on the real engine)."""
+tests/server/test_chat_api.py reads the same series on the real engine)."""
 
 from __future__ import annotations
 

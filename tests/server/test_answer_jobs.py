@@ -1,7 +1,7 @@
 """API answers start on the engine while the request is being stored: the
 store must not lose an answer that finishes first, and a failed store must
 abort the generation (fake engine; the real engine runs the same path in
-tests/integration/test_chat_api.py)."""
+tests/server/test_chat_api.py)."""
 
 from __future__ import annotations
 
