@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, create_engine
 
@@ -55,6 +56,16 @@ def alembic_config(url: str) -> Config:
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply migrations up to ``revision`` (idempotent)."""
     command.upgrade(alembic_config(url), revision)
+
+
+def db_now(session: Session) -> datetime:
+    """The database server's clock (UTC, aware): the one clock every process and
+    machine sharing the database agrees on, for leases and heartbeats."""
+    if session.get_bind().dialect.name == "sqlite":
+        text_now = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+        return datetime.fromisoformat(text_now).replace(tzinfo=timezone.utc)
+    value = session.execute(text("SELECT CURRENT_TIMESTAMP")).scalar_one()
+    return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ Exactly one row is ``active`` at a time (or none: the base model serves).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from sqlmodel import Session, col, func, select
 
@@ -22,12 +23,38 @@ def list_versions(session: Session) -> Sequence[AdapterVersion]:
     return session.exec(select(AdapterVersion).order_by(col(AdapterVersion.version))).all()
 
 
-def active_version(session: Session) -> AdapterVersion | None:
-    return session.exec(select(AdapterVersion).where(AdapterVersion.status == "active")).first()
+def active_version(session: Session, lock: bool = False) -> AdapterVersion | None:
+    """The active version (None: the base model serves). ``lock`` holds its row
+    until the transaction ends (PostgreSQL), for a read-then-change."""
+    query = select(AdapterVersion).where(AdapterVersion.status == "active")
+    return session.exec(query.with_for_update() if lock else query).first()
 
 
-def next_version_number(session: Session) -> int:
-    return (session.exec(select(func.max(AdapterVersion.version))).one() or 0) + 1
+def next_version_number(session: Session, adapters_dir: Path | None = None) -> int:
+    """One above every version the database knows and every ``vN`` folder in
+    ``adapters_dir``: a folder left behind (a crash, a database restored from
+    backup) is never overwritten or reused."""
+    highest = session.exec(select(func.max(AdapterVersion.version))).one() or 0
+    if adapters_dir is not None and adapters_dir.is_dir():
+        numbers = [int(p.name[1:]) for p in adapters_dir.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit()]
+        highest = max([highest, *numbers])
+    return highest + 1
+
+
+def reserve_version(
+    session: Session, adapters_dir: Path, training_run_id: int, parent_version: int | None
+) -> AdapterVersion:
+    """Reserve the next version number for a run before it trains (status
+    ``training``, folder ``adapters_dir/vN``), so no two runs and no leftover
+    folder ever share N. The caller commits."""
+    number = next_version_number(session, adapters_dir)
+    row = AdapterVersion(
+        version=number, path=str((adapters_dir / f"v{number}").resolve()), status="training",
+        parent_version=parent_version, training_run_id=training_run_id,
+    )
+    session.add(row)
+    session.flush()
+    return row
 
 
 def get_version(session: Session, version: int) -> AdapterVersion:
@@ -70,14 +97,20 @@ def activate(
 ) -> AdapterVersion | None:
     """Make ``version`` the active adapter (None: the base model). The previously
     active version becomes ``retired`` (``rolled_back`` from :func:`rollback`).
-    Failed versions cannot be activated."""
+    Failed versions, and versions still training, cannot be activated.
+
+    The active row is locked while it changes, and the demotion is written
+    before the promotion, so the database's one-active index never sees two."""
     target = get_version(session, version) if version is not None else None
     if target is not None and target.status == "failed":
         raise VersionNotServable(f"v{version} failed to load before ({target.error}); it cannot be activated")
-    current = active_version(session)
+    if target is not None and target.status == "training":
+        raise VersionNotServable(f"v{version} is still being trained; it cannot be activated yet")
+    current = active_version(session, lock=True)
     if current is not None and (target is None or current.id != target.id):
         current.status = previous_becomes
         session.add(current)
+        session.flush()
     if target is not None and target.status != "active":
         target.status = "active"
         target.activated_at = utcnow()
@@ -91,7 +124,7 @@ def rollback(session: Session) -> AdapterVersion | None:
     activation time), or to the base model if there was none. The version rolled
     back from is marked ``rolled_back`` so a second rollback goes further back
     instead of returning to it."""
-    current = active_version(session)
+    current = active_version(session, lock=True)
     if current is None:
         raise Conflict("no adapter is active (the base model serves); nothing to roll back")
     previous = rollback_target(session, current)
@@ -136,3 +169,17 @@ def lineage_pairs(session: Session, row: AdapterVersion) -> list[tuple[TrainingR
         .where(TrainingRunPair.pair_id == PreferencePair.id, TrainingRunPair.run_id == row.training_run_id)
         .order_by(col(PreferencePair.id))
     ).all())
+
+
+def ancestry(session: Session, version: AdapterVersion | None) -> list[AdapterVersion]:
+    """``version`` and the versions it was continued from, newest first (empty
+    for the base model)."""
+    chain: list[AdapterVersion] = []
+    seen: set[int] = set()
+    while version is not None and version.version not in seen:
+        chain.append(version)
+        seen.add(version.version)
+        parent = version.parent_version
+        version = session.exec(select(AdapterVersion).where(AdapterVersion.version == parent)).first() \
+            if parent is not None else None
+    return chain

@@ -8,6 +8,11 @@ progress. The process doing the run keeps the lease and the run's
 ``heartbeat_at`` fresh with a :class:`Heartbeat`; a process that dies stops
 renewing, the lease expires after ``LEASE_TTL_S``, and ``reap_stale_runs``
 marks its run failed, so a killed run never blocks the next one.
+
+The lease is a fence: a run whose renewal failed (its lease expired and may be
+someone else's) stops (``Heartbeat.check`` raises ``LeaseLost``), and a run
+promotes only inside a transaction that has checked it still holds the lease
+and is still ``running`` (``still_holds``). Times come from the database clock.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from store import leases
-from store.db import session_scope
-from store.tables import TrainingRun, utcnow
+from store.db import db_now, session_scope
+from store.tables import AdapterVersion, TrainingRun
 
 log = logging.getLogger("tuneloop.run_lease")
 
 LEASE_TTL_S = 60.0
 HEARTBEAT_S = 10.0  # well inside the TTL: a few missed beats (a busy database) do not lose the lease
 STALE_AFTER_S = LEASE_TTL_S * 2
+
+
+class LeaseLost(Exception):
+    """This run no longer holds the retrain lease: it must stop and not promote."""
 
 
 class CycleBusy(Exception):
@@ -69,10 +78,20 @@ def release_run(session: Session, run_id: int) -> None:
     leases.release(session, leases.RETRAIN, lease_holder(run_id))
 
 
+def still_holds(session: Session, run_id: int) -> bool:
+    """True if run ``run_id`` still holds the retrain lease and is still running;
+    the lease row stays locked until the caller's transaction ends."""
+    if leases.current_holder(session, leases.RETRAIN, lock=True) != lease_holder(run_id):
+        return False
+    run = session.get(TrainingRun, run_id, populate_existing=True)
+    return run is not None and run.status == "running"
+
+
 def reap_stale_runs(session: Session, now: datetime | None = None) -> list[int]:
     """Mark runs failed whose process stopped renewing its heartbeat (killed,
-    crashed, machine restarted). Returns their ids."""
-    now = now or utcnow()
+    crashed, machine restarted), and the adapter versions they had reserved.
+    Returns their ids."""
+    now = now or db_now(session)
     stale_before = now - timedelta(seconds=STALE_AFTER_S)
     reaped = []
     for run in session.exec(select(TrainingRun).where(col(TrainingRun.status).in_(("queued", "running")))).all():
@@ -84,8 +103,19 @@ def reap_stale_runs(session: Session, now: datetime | None = None) -> list[int]:
             run.finished_at = now
             run.error = (run.error or "") + "the training process stopped responding (killed or crashed)"
             session.add(run)
+            release_reserved_versions(session, run.id, "its training run stopped responding")
             reaped.append(run.id)
     return reaped
+
+
+def release_reserved_versions(session: Session, run_id: int, reason: str) -> None:
+    """A version reserved by a run that ended without producing it is failed for
+    good (its number is never reused)."""
+    for row in session.exec(
+        select(AdapterVersion).where(AdapterVersion.training_run_id == run_id, AdapterVersion.status == "training")
+    ).all():
+        row.status, row.error = "failed", reason
+        session.add(row)
 
 
 class Heartbeat:
@@ -96,6 +126,7 @@ class Heartbeat:
         self.db = db
         self.run_id = run_id
         self._stop = threading.Event()
+        self.lost = threading.Event()  # set when a renewal found the lease gone
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
     def __enter__(self) -> Heartbeat:
@@ -109,11 +140,19 @@ class Heartbeat:
 
     def beat(self) -> None:
         with session_scope(self.db) as session:
-            leases.renew(session, leases.RETRAIN, lease_holder(self.run_id), LEASE_TTL_S)
+            if not leases.renew(session, leases.RETRAIN, lease_holder(self.run_id), LEASE_TTL_S):
+                log.error("run %d lost the retrain lease; it stops", self.run_id)
+                self.lost.set()
+                return
             run = session.get(TrainingRun, self.run_id)
             if run is not None:
-                run.heartbeat_at = utcnow()
+                run.heartbeat_at = db_now(session)
                 session.add(run)
+
+    def check(self) -> None:
+        """Raise LeaseLost if a renewal found the lease taken over."""
+        if self.lost.is_set():
+            raise LeaseLost(f"run {self.run_id} lost the retrain lease (a renewal failed); it stopped")
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -134,9 +134,19 @@ class Comparison(SQLModel, table=True):
 
 
 class AdapterVersion(SQLModel, table=True):
-    """One immutable LoRA adapter directory ``adapters/vN`` and its fate."""
+    """One immutable LoRA adapter directory ``adapters/vN`` and its fate.
+
+    The row is reserved (``training``) before its run trains, so N is never
+    handed out twice. At most one row is ``active``: a partial unique index
+    makes the database refuse a second one, whatever races above it."""
 
     __tablename__ = "adapter_versions"
+    __table_args__ = (
+        Index(
+            "uq_adapter_versions_one_active", "status", unique=True,
+            sqlite_where=text("status = 'active'"), postgresql_where=text("status = 'active'"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     version: int = Field(unique=True, description="N of vN; never reused")
@@ -144,7 +154,7 @@ class AdapterVersion(SQLModel, table=True):
     status: str = Field(
         default="candidate",
         max_length=16,
-        description="candidate | active | retired | rolled_back | rejected | failed",
+        description="training | candidate | active | retired | rolled_back | rejected | failed",
     )
     parent_version: int | None = Field(default=None, description="adapter it continued")
     training_run_id: int | None = Field(default=None, foreign_key="training_runs.id")

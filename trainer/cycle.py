@@ -1,13 +1,18 @@
 """One retraining cycle, run in its own process (``python -m trainer run``):
 
-    build pairs -> select new + replay + eval -> ORPO on the active adapter
-    -> candidate ``adapters/vN`` -> evaluate candidate and active -> gate
-    -> promote (flip the active version in the database) or reject.
+    build pairs -> select new + replay + eval -> set aside pairs the trainer
+    cannot use -> reserve vN -> ORPO on the active adapter -> candidate
+    ``adapters/vN`` -> evaluate candidate and active -> gate -> promote (flip
+    the active version in the database) or reject.
 
 The caller has already created the ``TrainingRun`` row and taken the
 ``retrain`` lease for it (``store.run_lease.open_run``). While this runs, a
 heartbeat renews the lease and the run's ``heartbeat_at``; if the process is
-killed, both go stale and the run is marked failed by whoever looks next.
+killed, both go stale and the run is marked failed by whoever looks next. If a
+renewal finds the lease gone, the run stops at the next training step, and it
+promotes only in a transaction that has checked it still holds the lease.
+No single pair can fail a run: one the trainer cannot use is recorded as
+``skipped`` with its reason and never picked again.
 Serving is never touched from here: servers notice a new active version in
 the database and swap it in themselves.
 """
@@ -25,15 +30,18 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from store.db import make_engine, session_scope
+from store.exchange.pair_format import Pair
 from store.pairs import build_pairs
-from store.registry import activate, active_version, next_version_number, version_id, version_name
-from store.run_lease import Heartbeat, release_run
+from store.registry import activate, active_version, reserve_version, version_name
+from store.run_lease import Heartbeat, LeaseLost, release_reserved_versions, release_run, still_holds
 from store.selection import RunSelection, select_for_run
 from store.settings import Settings
-from store.tables import AdapterVersion, Message, TrainingRun, TrainingRunPair, utcnow
+from store.tables import AdapterVersion, Message, PreferencePair, TrainingRun, TrainingRunPair, utcnow
 from trainer.config import TrainConfig
 
 log = logging.getLogger("tuneloop.trainer")
+
+SKIPPED_SHOWN = 50  # skipped pairs listed on the run (all are recorded as role "skipped")
 
 
 def _update_run(db: Engine, run_id: int, **fields: Any) -> None:
@@ -44,41 +52,69 @@ def _update_run(db: Engine, run_id: int, **fields: Any) -> None:
         session.add(run)
 
 
-def _as_training_pairs(session: Session, rows) -> list:
-    """Pairs for the trainer; an answer that stopped at its token limit is marked
-    incomplete (trained and scored without an end-of-turn token)."""
-    from store.exchange.pair_format import Pair
-
+def _as_training_pairs(session: Session, rows: list[PreferencePair]) -> tuple[list[Pair], dict[int, str]]:
+    """Pairs for the trainer, and the reason for each row that cannot be one. An
+    answer that stopped at its token limit is marked incomplete (trained and
+    scored without an end-of-turn token)."""
     message_ids = {i for r in rows for i in (r.chosen_message_id, r.rejected_message_id) if i is not None}
     cut = set(session.exec(
         select(Message.id).where(col(Message.id).in_(message_ids), Message.finish_reason == "length")
     ).all()) if message_ids else set()
-    return [
-        Pair(prompt=r.prompt, chosen=r.chosen, rejected=r.rejected, pair_id=r.id,
-             chosen_complete=r.chosen_message_id not in cut, rejected_complete=r.rejected_message_id not in cut)
-        for r in rows
-    ]
+    pairs, problems = [], {}
+    for r in rows:
+        try:
+            pairs.append(Pair(
+                prompt=r.prompt, chosen=r.chosen, rejected=r.rejected, pair_id=r.id,
+                chosen_complete=r.chosen_message_id not in cut, rejected_complete=r.rejected_message_id not in cut,
+            ))
+        except ValueError as exc:
+            problems[r.id] = str(exc)
+    return pairs, problems
 
 
-def _record_selection(session: Session, run_id: int, selection: RunSelection) -> None:
+def _set_aside_unusable(settings: Settings, config: TrainConfig, *groups: list[Pair]) -> dict[int, str]:
+    """Pairs the trainer cannot use (a prompt that does not fit the training
+    length even after dropping old turns, ...), with the reason, checked with
+    the model's own tokenizer; they are removed from ``groups`` in place."""
+    from transformers import AutoTokenizer
+
+    from trainer.orpo import unusable_reason
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    problems = {}
+    for group in groups:
+        keep = []
+        for pair in group:
+            reason = unusable_reason(pair, tokenizer, config)
+            if reason is None:
+                keep.append(pair)
+            else:
+                problems[pair.pair_id] = reason
+        group[:] = keep
+    return problems
+
+
+def _record_selection(session: Session, run_id: int, selection: RunSelection, skipped: dict[int, str]) -> None:
     for role, rows in (("new", selection.new), ("replay", selection.replay), ("eval", selection.eval)):
         for pair in rows:
-            session.add(TrainingRunPair(run_id=run_id, pair_id=pair.id, role=role))
+            session.add(TrainingRunPair(run_id=run_id, pair_id=pair.id, role="skipped" if pair.id in skipped else role))
 
 
 def run_cycle(settings: Settings, run_id: int) -> str:
     """Run cycle ``run_id`` to its end; return the run's final status
     (``promoted``, ``rejected``, ``skipped``). Raises after marking the run
-    ``failed`` if anything goes wrong."""
+    ``failed`` (and the version it reserved) if anything goes wrong."""
     db = make_engine(settings.resolved_database_url)
     try:
-        with Heartbeat(db, run_id):
-            return _run(settings, db, run_id)
+        with Heartbeat(db, run_id) as heartbeat:
+            return _run(settings, db, run_id, heartbeat)
     except BaseException as exc:
-        _update_run(
-            db, run_id, status="failed", finished_at=utcnow(),
-            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}",
-        )
+        with session_scope(db) as session:
+            run = session.get(TrainingRun, run_id)
+            run.status, run.finished_at = "failed", utcnow()
+            run.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"
+            session.add(run)
+            release_reserved_versions(session, run_id, f"its training run failed: {type(exc).__name__}: {exc}")
         raise
     finally:
         with session_scope(db) as session:
@@ -86,7 +122,7 @@ def run_cycle(settings: Settings, run_id: int) -> str:
         db.dispose()
 
 
-def _run(settings: Settings, db: Engine, run_id: int) -> str:
+def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> str:
     _update_run(
         db, run_id, status="running", pid=os.getpid(), started_at=utcnow(),
         progress={"phase": "building pairs"},
@@ -101,53 +137,63 @@ def _run(settings: Settings, db: Engine, run_id: int) -> str:
         )
         active = active_version(session)
         parent = (active.version, active.path) if active else (None, None)
+        new, skipped = _as_training_pairs(session, selection.new)
+        replay, problems = _as_training_pairs(session, selection.replay)
+        skipped |= problems
+        eval_pairs, problems = _as_training_pairs(session, selection.eval)
+        skipped |= problems
+    if new or replay or eval_pairs:
+        skipped |= _set_aside_unusable(settings, config, new, replay, eval_pairs)
+    heartbeat.check()
+    with session_scope(db) as session:
         pairs_info = {
-            "built": report.to_json(), "new": len(selection.new), "replay": len(selection.replay),
-            "eval": len(selection.eval), "capped_by_user_limit": selection.capped,
-            "deferred_by_step_budget": selection.deferred,
+            "built": report.to_json(), "new": len(new), "replay": len(replay),
+            "eval": len(eval_pairs), "capped_by_user_limit": selection.capped,
+            "deferred_by_step_budget": selection.deferred, "skipped": len(skipped),
         }
-        if not selection.new:
-            run = session.get(TrainingRun, run_id)
+        skipped_info = [{"pair_id": i, "reason": why} for i, why in sorted(skipped.items())[:SKIPPED_SHOWN]]
+        run = session.get(TrainingRun, run_id)
+        if not new:
+            session.add_all(TrainingRunPair(run_id=run_id, pair_id=i, role="skipped") for i in skipped)
             run.status, run.finished_at = "skipped", utcnow()
-            run.metrics = {"pairs": pairs_info, "reason": "no new pairs since the last promoted run"}
+            run.metrics = {"pairs": pairs_info, "skipped_pairs": skipped_info,
+                           "reason": "no new pairs since the last promoted run"
+                           + (" that the trainer can use" if skipped else "")}
             run.progress = {"phase": "done"}
             session.add(run)
             return "skipped"
-        _record_selection(session, run_id, selection)
-        version = next_version_number(session)
-        train_pairs = _as_training_pairs(session, selection.new + selection.replay)
-        eval_pairs = _as_training_pairs(session, selection.eval)
-        run = session.get(TrainingRun, run_id)
+        _record_selection(session, run_id, selection, skipped)
+        row = reserve_version(session, settings.adapters_dir, run_id, parent[0])
+        version, out_dir = row.version, Path(row.path)
         run.parent_version = parent[0]
-        run.metrics = {"pairs": pairs_info, "steps": []}
+        run.adapter_version = version
+        run.metrics = {"pairs": pairs_info, "skipped_pairs": skipped_info, "steps": []}
         session.add(run)
 
-    out_dir = (settings.adapters_dir / f"v{version}").resolve()
-    result = _train(settings, db, run_id, parent[1], train_pairs, out_dir, config)
+    result = _train(settings, db, run_id, parent[1], new + replay, out_dir, config, heartbeat)
 
     with session_scope(db) as session:
-        session.add(
-            AdapterVersion(
-                version=version, path=str(out_dir), status="candidate",
-                parent_version=parent[0], training_run_id=run_id,
-            )
-        )
+        row = session.exec(select(AdapterVersion).where(AdapterVersion.version == version)).one()
+        row.status = "candidate"
+        session.add(row)
         run = session.get(TrainingRun, run_id)
-        run.adapter_version = version
         run.progress = {"phase": "evaluating"}
         session.add(run)
 
     decision, candidate_metrics, active_metrics = _evaluate(settings, parent[1], out_dir, eval_pairs, config)
+    heartbeat.check()
 
     with session_scope(db) as session:
-        row = session.get(AdapterVersion, version_id(session, version))
+        if not still_holds(session, run_id):
+            raise LeaseLost(f"run {run_id} no longer holds the retrain lease (or was marked failed); no promotion")
+        row = session.exec(select(AdapterVersion).where(AdapterVersion.version == version)).one()
         row.metrics = {
             "candidate": candidate_metrics, "active": active_metrics,
             "compared_with": version_name(parent[0]),
             "decision": decision,
         }
         run = session.get(TrainingRun, run_id)
-        serving_now = active_version(session)
+        serving_now = active_version(session, lock=True)
         if decision["promote"] and (serving_now.version if serving_now else None) != parent[0]:
             # someone activated or rolled back meanwhile: their decision stands
             decision["promote"] = False
@@ -169,12 +215,13 @@ def _run(settings: Settings, db: Engine, run_id: int) -> str:
         return run.status
 
 
-def _train(settings, db, run_id, parent_path, pairs, out_dir: Path, config) -> dict[str, Any]:
+def _train(settings, db, run_id, parent_path, pairs, out_dir: Path, config, heartbeat: Heartbeat) -> dict[str, Any]:
     from trainer.orpo import train_adapter
 
     steps: list[dict[str, Any]] = []
 
     def on_step(metrics: dict[str, Any]) -> None:
+        heartbeat.check()  # a run that lost its lease stops here
         steps.append(metrics)
         with session_scope(db) as session:
             run = session.get(TrainingRun, run_id)

@@ -130,25 +130,40 @@ def train_adapter(
     return result
 
 
+def unusable_reason(pair: Pair, tokenizer: Any, config: TrainConfig) -> str | None:
+    """Why the trainer cannot use ``pair``, or None. Today one reason exists: a
+    prompt that stays above ``config.max_prompt_length`` tokens even after old
+    turns are dropped and the last message is cut (only a system message that
+    long can do it) -- TRL would train on an empty answer and the loss would
+    turn NaN. The cycle sets such pairs aside before training."""
+    return _fitted_prompt(pair, tokenizer, config)[1]
+
+
+def _fitted_prompt(pair: Pair, tokenizer: Any, config: TrainConfig) -> tuple[str, str | None]:
+    """The training prompt of ``pair``, and why it is unusable (or None)."""
+    prompt = render_prompt(tokenizer, pair.prompt, config.max_prompt_length)
+    prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if prompt_tokens > config.max_prompt_length:
+        return prompt, (
+            f"its prompt is {prompt_tokens} tokens even after dropping old turns, above "
+            f"max_prompt_length={config.max_prompt_length} (a system message that long)"
+        )
+    return prompt, None
+
+
 def build_dataset(pairs: list[Pair], tokenizer: Any, config: TrainConfig) -> Any:
     """A ``datasets.Dataset`` of chat-templated ``prompt``/``chosen``/``rejected`` strings.
 
-    Raises ``ValueError`` if a prompt cannot be brought under
-    ``config.max_prompt_length`` tokens (only a system message that long can
-    cause it): TRL would otherwise train on an empty answer and the loss
-    would turn NaN.
+    Raises ``ValueError`` for a pair the trainer cannot use (``unusable_reason``);
+    the cycle sets those aside first.
     """
     from datasets import Dataset
 
     rows = []
     for pair in pairs:
-        prompt = render_prompt(tokenizer, pair.prompt, config.max_prompt_length)
-        prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if prompt_tokens > config.max_prompt_length:
-            raise ValueError(
-                f"pair {pair.pair_id}: its prompt is {prompt_tokens} tokens even after dropping old turns, above "
-                f"max_prompt_length={config.max_prompt_length}; shorten the system message or raise the limit"
-            )
+        prompt, reason = _fitted_prompt(pair, tokenizer, config)
+        if reason is not None:
+            raise ValueError(f"pair {pair.pair_id}: {reason}")
         rows.append(
             {
                 "prompt": prompt,

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from store.control_tokens import neutralise, neutralise_messages, tokenizer_control_tokens
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -72,11 +74,13 @@ def to_trl_row(pair: Pair) -> dict[str, Any]:
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]], max_tokens: int | None = None) -> str:
     """The chat-templated prompt text, ready for the assistant's answer.
 
-    This is exactly what the serving engine renders before generating. When
-    ``max_tokens`` is given and the prompt is longer, the oldest turns are
+    This is exactly what the serving engine renders before generating: control
+    token look-alikes in the text are neutralised (``store.control_tokens``).
+    When ``max_tokens`` is given and the prompt is longer, the oldest turns are
     dropped first (a leading system message is kept), then the start of the
     last user message is cut.
     """
+    messages = neutralise_messages(messages, tokenizer_control_tokens(tokenizer))
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = list(messages[len(system) :])
 
@@ -112,4 +116,5 @@ def render_answer(tokenizer: Any, content: str, complete: bool = True) -> str:
     the model did not end it there, and must not learn to."""
     if not tokenizer.eos_token:
         raise ValueError("the tokenizer has no end-of-turn (eos) token; tuneloop needs one to train and score answers")
+    content = neutralise(content, tokenizer_control_tokens(tokenizer))
     return content + tokenizer.eos_token if complete else content

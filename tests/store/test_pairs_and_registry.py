@@ -4,6 +4,7 @@ PostgreSQL (pure database code, no model)."""
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlmodel import Session, select
@@ -13,7 +14,7 @@ from store.conversations import add_message, start_conversation
 from store.db import make_engine, session_scope, upgrade
 from store.errors import Conflict, UnknownAdapterVersion, VersionNotServable
 from store.pairs import build_pairs, content_hash, split_for
-from store.registry import activate, active_version, mark_failed, rollback
+from store.registry import activate, active_version, mark_failed, reserve_version, rollback
 from store.selection import cap_eval_pairs, count_new_pairs, select_for_run
 from store.tables import (
     AdapterVersion,
@@ -123,12 +124,20 @@ def _pairs_for(s, user, n, prefix):
         rate(s, user, up, "up"), rate(s, user, down, "down")
 
 
-def _promoted_run_trained_on(db, pairs) -> None:
+def _promoted_run_trained_on(db, pairs) -> AdapterVersion:
+    """A run that trained on ``pairs`` and whose version, continued from the
+    active one, became active."""
     with session_scope(db) as s:
         run = TrainingRun(status="promoted")
         s.add(run)
         s.flush()
         s.add_all(TrainingRunPair(run_id=run.id, pair_id=pair.id, role="new") for pair in pairs)
+        parent = active_version(s)
+        row = reserve_version(s, Path(db.url.database or "/tmp").parent / "adapters", run.id,
+                              parent.version if parent else None)
+        row.status = "candidate"
+        activate(s, row.version)
+        return row
 
 
 def test_selection_caps_users_replays_history_and_keeps_eval(db):
@@ -157,15 +166,18 @@ def test_step_budget_caps_the_training_set_and_defers_the_newest_pairs(db):
             _pairs_for(s, user, 5, f"U{i}")
         build_pairs(s, eval_share=0.0)
         first = select_for_run(s, max_pairs_per_user=50, replay_fraction=0.5, max_train_pairs=8)
-    # no history yet: nothing to replay, the whole budget goes to the oldest new pairs
+    # no history yet: nothing to replay, the whole budget goes to new pairs, fairly:
+    # every user's two oldest (round-robin), the later rounds wait
     assert len(first.new) == 8 and first.replay == [] and first.deferred == 12
-    assert [p.id for p in first.new] == sorted(p.id for p in first.new)
+    by_user = {u.id: sorted(p.id for p in first.new if p.user_id == u.id) for u in users}
+    assert all(len(ids) == 2 for ids in by_user.values())
     _promoted_run_trained_on(db, first.new)
     with session_scope(db) as s:
         second = select_for_run(s, max_pairs_per_user=50, replay_fraction=0.5, max_train_pairs=8)
         unlimited = select_for_run(s, max_pairs_per_user=50, replay_fraction=0.5)
     assert len(second.new) == 4 and len(second.replay) == 4 and second.deferred == 8
-    assert min(p.id for p in second.new) > max(p.id for p in first.new)
+    assert {p.user_id for p in second.new} == set(by_user)  # the third round: one each
+    assert all(p.id > max(by_user[p.user_id]) for p in second.new)
     assert len(unlimited.new) == 12 and len(unlimited.replay) == 8 and unlimited.deferred == 0
 
 
@@ -233,6 +245,7 @@ def test_training_pairs_mark_answers_cut_at_the_token_limit(db):
                          message_a_id=a.id, message_b_id=b.id, winner="a"))
         s.flush()
         build_pairs(s)
-        (pair,) = _as_training_pairs(s, s.exec(select(PreferencePair)).all())
+        (pair,), problems = _as_training_pairs(s, s.exec(select(PreferencePair)).all())
+    assert problems == {}
     assert (pair.chosen, pair.chosen_complete) == ("Short and done.", True)
     assert (pair.rejected, pair.rejected_complete) == ("A long answer that was cut", False)
