@@ -75,7 +75,7 @@ class RetrainScheduler:
         with session_scope(self.db) as session:
             build_pairs(session, self.settings.eval_share)
         with Session(self.db) as session:
-            new = count_new_pairs(session)
+            new = count_new_pairs(session, self.settings.train_on_anonymous)
         if new < self.settings.min_new_pairs:
             log.info("scheduled retraining skipped: %d new pairs < %d (TUNELOOP_MIN_NEW_PAIRS)",
                      new, self.settings.min_new_pairs)

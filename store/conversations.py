@@ -220,7 +220,9 @@ def start_turn(
     parent_id = conversation.current_leaf_id
     question: Message | None = None
     for item in new_messages:
-        question = add_message(session, conversation, parent_id, item["role"], item["content"])
+        # an assistant turn in what the caller sends is their text, not the model's answer
+        question = add_message(session, conversation, parent_id, item["role"], item["content"],
+                               caller_written=item["role"] == "assistant")
         parent_id = question.id
     assert question is not None
     claim = {"status": "streaming", "claimed_by": claimed_by, "adapter_version": adapter_version} if claimed_by \

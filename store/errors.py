@@ -26,6 +26,10 @@ class NotFound(StoreError):
     """No such thing, or not the caller's (a stranger is not told it exists)."""
 
 
+class NotAllowed(StoreError):
+    """The caller may not do this (wrong password, a disabled account, sign-up closed)."""
+
+
 class Conflict(StoreError):
     """Valid, but not now: the thing is in a state that does not allow it."""
 

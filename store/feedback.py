@@ -34,6 +34,11 @@ def record_feedback(
     message, _ = owned_message(session, user, message_id)
     if message.role != "assistant":
         raise InvalidInput(f"message {message_id} is a {message.role} message; only answers can be rated")
+    if message.caller_written:
+        raise InvalidInput(
+            f"message {message_id} is an assistant turn the caller sent as history, not one of the model's "
+            "answers; rate the answers tuneloop returned"
+        )
     if message.status in ("pending", "streaming"):
         raise Conflict(f"message {message_id} is still being generated; rate it when it is finished")
     feedback = session.exec(

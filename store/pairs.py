@@ -69,6 +69,7 @@ def _usable(message: Message | None) -> bool:
         message is not None
         and message.role == "assistant"
         and message.status == "complete"
+        and not message.caller_written
         and bool(message.content.strip())
         and not message.excluded_from_training
     )

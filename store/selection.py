@@ -21,7 +21,9 @@ With a fixed step budget (``TUNELOOP_TRAIN_MAX_STEPS``) a run sees at most
 that, so no pair is recorded as trained without having been trained on. New
 pairs over the cap wait for the next run (the later rounds of the round-robin).
 
-Pairs whose user or messages an admin excluded are left out everywhere. The
+Pairs an admin excluded (the pair, its user, conversation or messages), from a
+disabled account, or from anonymous visitors (unless TUNELOOP_TRAIN_ON_ANONYMOUS)
+are left out everywhere. The
 cost of a run grows with the new pairs (replay is proportional to them), not
 with the history.
 """
@@ -33,12 +35,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, exists
+from sqlalchemy import and_, exists, or_
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from store.registry import active_version, ancestry
-from store.tables import Message, PreferencePair, TrainingRun, TrainingRunPair, User
+from store.tables import Conversation, Message, PreferencePair, TrainingRun, TrainingRunPair, User
 
 
 @dataclass
@@ -50,13 +52,19 @@ class RunSelection:
     deferred: int = 0  # new pairs left for later because of the step budget
 
 
-def eligible_pairs():
-    """Filter out pairs an admin excluded (by user or by either message).
+def eligible_pairs(include_anonymous: bool = True):
+    """Filter out pairs the model must not learn from: excluded by an admin (the
+    pair, its user, its conversation or either message), from a disabled
+    account, or -- unless ``include_anonymous`` (TUNELOOP_TRAIN_ON_ANONYMOUS) --
+    from an anonymous visitor.
 
     One EXISTS per message, each an index lookup: a single EXISTS over both
     messages with OR made SQLite join messages x messages per pair (minutes at
     5000 pairs)."""
-    excluded_user = exists().where(User.id == PreferencePair.user_id, User.excluded_from_training == True)  # noqa: E712
+    untrusted = or_(User.excluded_from_training == True, User.status == "disabled")  # noqa: E712
+    if not include_anonymous:
+        untrusted = or_(untrusted, User.kind == "browser")
+    excluded_user = exists().where(User.id == PreferencePair.user_id, untrusted)
     excluded_chosen, excluded_rejected = (
         exists().where(message.id == column, message.excluded_from_training == True)  # noqa: E712
         for message, column in (
@@ -64,7 +72,15 @@ def eligible_pairs():
             (aliased(Message), PreferencePair.rejected_message_id),
         )
     )
-    return and_(~excluded_user, ~excluded_chosen, ~excluded_rejected)
+    answer = aliased(Message)
+    excluded_conversation = exists().where(
+        answer.id == PreferencePair.chosen_message_id, Conversation.id == answer.conversation_id,
+        Conversation.excluded_from_training == True,  # noqa: E712
+    )
+    return and_(
+        PreferencePair.excluded_from_training == False,  # noqa: E712
+        ~excluded_user, ~excluded_chosen, ~excluded_rejected, ~excluded_conversation,
+    )
 
 
 def trained_pair_ids(session: Session) -> set[int]:
@@ -96,9 +112,11 @@ def lineage_pair_ids(session: Session) -> set[int]:
     ).all())
 
 
-def count_new_pairs(session: Session) -> int:
+def count_new_pairs(session: Session, include_anonymous: bool = True) -> int:
     used = trained_pair_ids(session) | skipped_pair_ids(session)
-    ids = session.exec(select(PreferencePair.id).where(PreferencePair.split == "train", eligible_pairs())).all()
+    ids = session.exec(
+        select(PreferencePair.id).where(PreferencePair.split == "train", eligible_pairs(include_anonymous))
+    ).all()
     return sum(1 for i in ids if i not in used)
 
 
@@ -123,13 +141,13 @@ def round_robin(pairs: Sequence[PreferencePair], per_user: int) -> tuple[list[Pr
 
 def select_for_run(
     session: Session, max_pairs_per_user: int, replay_fraction: float, seed: int = 0,
-    max_eval_pairs: int | None = None, max_train_pairs: int | None = None,
+    max_eval_pairs: int | None = None, max_train_pairs: int | None = None, include_anonymous: bool = True,
 ) -> RunSelection:
     trained = trained_pair_ids(session)
     skipped = skipped_pair_ids(session)
     train_pairs = session.exec(
         select(PreferencePair)
-        .where(PreferencePair.split == "train", eligible_pairs())
+        .where(PreferencePair.split == "train", eligible_pairs(include_anonymous))
         .order_by(col(PreferencePair.id))
     ).all()
     new, capped = round_robin([p for p in train_pairs if p.id not in trained and p.id not in skipped],
@@ -151,7 +169,7 @@ def select_for_run(
         replay = random.Random(seed).sample(old, min(wanted, len(old)))
     held_out = session.exec(
         select(PreferencePair)
-        .where(PreferencePair.split == "eval", eligible_pairs())
+        .where(PreferencePair.split == "eval", eligible_pairs(include_anonymous))
         .order_by(col(PreferencePair.id))
     ).all()
     eval_pairs = newest_per_user([p for p in held_out if p.id not in skipped], max_pairs_per_user)

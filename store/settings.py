@@ -54,6 +54,28 @@ class Settings(BaseSettings):
         "dev-secret-change-me",
         description="Key that signs browser identity cookies and CSRF tokens.",
     )
+    signup: str = Field(
+        "approval", pattern="^(open|approval|closed)$",
+        description="Who may create an account: `open` (anyone, active at once), `approval` (pending until an "
+        "admin approves) or `closed` (admins create accounts). The first account ever becomes an admin.",
+    )
+    anonymous: str = Field(
+        "chat", pattern="^(chat|off)$",
+        description="`chat`: visitors without an account may chat and rate (an anonymous identity is created on "
+        "their first action); `off`: the chat needs an account.",
+    )
+    train_on_anonymous: bool = Field(
+        False, description="Train on feedback from anonymous visitors too. Off: it is stored and exported, "
+        "never trained on.",
+    )
+    trusted_user_header: str | None = Field(
+        None, description="Single sign-on behind a reverse proxy: the request header naming the signed-in user "
+        "(e.g. `X-Forwarded-User`); honoured only from TUNELOOP_TRUSTED_PROXIES.",
+    )
+    trusted_proxies: str = Field(
+        "127.0.0.1,::1", description="Comma-separated addresses (or CIDR networks) of the reverse proxies whose "
+        "TUNELOOP_TRUSTED_USER_HEADER and X-Forwarded-For are believed.",
+    )
     retrain_cron: str = Field(
         "0 3 * * *", description="Crontab expression of the scheduled retraining (nightly)."
     )

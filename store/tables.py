@@ -31,13 +31,23 @@ def _timestamp(nullable: bool = False, index: bool = False) -> Any:
 
 
 class User(SQLModel, table=True):
-    """An identity: a browser (signed cookie) or an API client (bearer key)."""
+    """An identity: a signed-in account, an anonymous browser (signed cookie,
+    created on its first action) or an API client (bearer key).
+
+    Accounts have a unique ``username``, an argon2 ``password_hash``, a role and
+    a status; ``session_epoch`` is written into every session cookie, so raising
+    it signs all of the account's sessions out."""
 
     __tablename__ = "users"
 
     id: int | None = Field(default=None, primary_key=True)
-    kind: str = Field(max_length=16, description="browser | api")
+    kind: str = Field(max_length=16, description="account | browser (anonymous) | api")
     name: str = Field(default="", max_length=200)
+    username: str | None = Field(default=None, max_length=64, unique=True)
+    password_hash: str | None = Field(default=None, max_length=255)
+    role: str = Field(default="user", max_length=16, description="user | admin")
+    status: str = Field(default="active", max_length=16, description="active | pending | disabled")
+    session_epoch: int = Field(default=0)
     excluded_from_training: bool = Field(default=False)
     created_at: datetime = _timestamp()
 
@@ -63,6 +73,7 @@ class Conversation(SQLModel, table=True):
     user_id: int = Field(foreign_key="users.id", index=True)
     title: str = Field(default="New chat", max_length=200)
     source: str = Field(default="web", max_length=16, description="web | api")
+    excluded_from_training: bool = Field(default=False, description="set by an admin")
     current_leaf_id: int | None = Field(
         default=None, description="last message of the branch being shown"
     )
@@ -79,6 +90,9 @@ class Message(SQLModel, table=True):
     role: str = Field(max_length=16, description="system | user | assistant")
     content: str = Field(default="", sa_column=Column(Text, nullable=False))
     excluded_from_training: bool = Field(default=False, description="set by an admin")
+    caller_written: bool = Field(
+        default=False, description="an assistant turn an API caller sent as history: not the model's answer"
+    )
     status: str = Field(
         default="complete",
         max_length=16,
@@ -208,6 +222,7 @@ class PreferencePair(SQLModel, table=True):
     source: str = Field(max_length=16, description="comparison | thumbs | import")
     split: str = Field(max_length=8, index=True, description="train | eval")
     content_hash: str = Field(max_length=64, unique=True)
+    excluded_from_training: bool = Field(default=False, description="set by an admin")
     user_id: int | None = Field(default=None, foreign_key="users.id", index=True)
     chosen_message_id: int | None = Field(default=None, foreign_key="messages.id")
     rejected_message_id: int | None = Field(default=None, foreign_key="messages.id")

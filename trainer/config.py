@@ -97,7 +97,10 @@ class TrainConfig:
         default=0.1, metadata={"help": "Share of pairs held out for the gate (decided once per pair, by its hash)."}
     )
     max_pairs_per_user: int = field(
-        default=50, metadata={"help": "Most new pairs one user contributes to a run."}
+        default=50, metadata={"help": "Most new pairs one user contributes to a run (and most held-out ones)."}
+    )
+    train_on_anonymous: bool = field(
+        default=False, metadata={"help": "Learn from anonymous visitors' feedback too (TUNELOOP_TRAIN_ON_ANONYMOUS)."}
     )
     replay_fraction: float = field(
         default=0.5,
@@ -190,6 +193,7 @@ class TrainConfig:
             max_lora_rank=settings.max_lora_rank,
             eval_share=settings.eval_share,
             max_pairs_per_user=settings.max_pairs_per_user,
+            train_on_anonymous=settings.train_on_anonymous,
             replay_fraction=settings.replay_fraction,
             gate_max_eval_pairs=settings.gate_max_eval_pairs,
             gate_min_accuracy_gain=settings.gate_min_accuracy_gain,

@@ -134,6 +134,7 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
         selection = select_for_run(
             session, config.max_pairs_per_user, config.replay_fraction, seed=run_id,
             max_eval_pairs=config.gate_max_eval_pairs, max_train_pairs=config.max_pairs_per_run,
+            include_anonymous=config.train_on_anonymous,
         )
         active = active_version(session)
         parent = (active.version, active.path) if active else (None, None)
