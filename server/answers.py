@@ -12,16 +12,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import random
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session
 
 from server.adapters import AdapterRegistry
 from server.engine.base import AdapterRef, ChatEngine, EngineUnavailable, GenerationChunk, SamplingSettings
@@ -29,18 +28,19 @@ from server.errors import ApiError
 from server.metrics import Metrics
 from store.conversations import chat_context, start_turn, thread
 from store.db import session_scope
+from store.errors import NotStored
+from store.presence import RENEW_S, announce, new_claim_id, recover_abandoned_answers, withdraw
 from store.settings import Settings
 from store.tables import Conversation, Message, User, utcnow
 
 log = logging.getLogger("tuneloop.answers")
 
 POLL_SECONDS = 0.25
+CLAIMER_CHECK_SECONDS = 2.0  # how often a viewer checks that the process generating its answer lives
+FINISH_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # a locked or restarting database, ~16 s in all
 _NOTHING = object()
-HOST = socket.gethostname()
 
 
-def process_identity() -> str:
-    return f"{HOST}:{os.getpid()}"
 
 
 class AnswerService:
@@ -53,7 +53,32 @@ class AnswerService:
         self.db = db
         self.adapters = adapters
         self.metrics = metrics
+        self.claim_id = new_claim_id()  # new at every boot: see store.presence
         self._running: dict[int, AnswerJob] = {}  # message id -> the job generating it here
+
+    def announce(self) -> int:
+        """Renew this process's presence and recover answers abandoned by dead
+        ones (run at start-up and every ``store.presence.RENEW_S``)."""
+        with session_scope(self.db) as session:
+            announce(session, self.claim_id)
+        with session_scope(self.db) as session:
+            return recover_abandoned_answers(session)
+
+    async def keep_presence(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_S)
+            try:
+                recovered = await asyncio.to_thread(self.announce)
+                if recovered:
+                    log.info("%d answers abandoned by a stopped server will be regenerated", recovered)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a busy database: try again on the next tick
+                log.exception("presence renewal failed; retrying")
+
+    def withdraw(self) -> None:
+        with session_scope(self.db) as session:
+            withdraw(session, self.claim_id)
 
     def web_sampling(self) -> SamplingSettings:
         """Sampling for a browser turn; the random seed makes the answer replayable."""
@@ -92,7 +117,7 @@ class AnswerService:
                 .values(
                     status="streaming",
                     adapter_version=adapter.name if adapter else None,
-                    claimed_by=process_identity(),
+                    claimed_by=self.claim_id,
                 )
             ).rowcount
             if not claimed:
@@ -107,15 +132,27 @@ class AnswerService:
 
     def _finish(self, message_id: int, text: str, status: str, last: GenerationChunk | None) -> None:
         """Store the answer's end: one UPDATE, no ORM load (it runs once per answer
-        on a busy server)."""
+        on a busy server), retried while the database is locked or away. Raises
+        NotStored when every retry failed (the message stays ``streaming``
+        and is recovered as abandoned once this process is gone)."""
         values: dict = {"content": text, "status": status, "completed_at": utcnow()}
         if last is not None:
             values |= {"finish_reason": last.finish_reason, "prompt_tokens": last.prompt_tokens,
                        "completion_tokens": last.completion_tokens}
         elif status == "stopped":
             values["finish_reason"] = "stopped"
-        with session_scope(self.db) as session:
-            session.execute(update(Message).where(Message.id == message_id).values(**values))
+        for delay in (*FINISH_RETRY_DELAYS, None):
+            try:
+                with session_scope(self.db) as session:
+                    session.execute(update(Message).where(Message.id == message_id).values(**values))
+                return
+            except OperationalError as exc:
+                if delay is None:
+                    raise NotStored(
+                        f"answer {message_id} was generated but could not be stored ({exc.orig}); retry shortly"
+                    ) from exc
+                log.warning("storing answer %d failed (%s); retrying in %.1f s", message_id, exc.orig, delay)
+                time.sleep(delay)
 
     async def stream(self, message_id: int) -> AsyncIterator[GenerationChunk]:
         """Generate the answer for pending message ``message_id``, yielding deltas.
@@ -123,11 +160,18 @@ class AnswerService:
         If another caller is already generating it, wait for that one and yield
         the finished text as a single chunk. Raises EngineUnavailable (503).
         """
-        claim = await asyncio.to_thread(self._claim, message_id)
-        if claim is None:
+        while True:
+            claim = await asyncio.to_thread(self._claim, message_id)
+            if claim is not None:
+                break
+            abandoned = False
             async for chunk in self._follow(message_id):
+                if chunk is None:  # its process died: claim it here
+                    abandoned = True
+                    break
                 yield chunk
-            return
+            if not abandoned:
+                return
         job = AnswerJob(self, *claim)
         job.bind(message_id)
         async for chunk in job.chunks():
@@ -151,7 +195,9 @@ class AnswerService:
                 job.cancel()
             raise
         for job, message_id in zip(jobs, ids, strict=True):
-            job.bind(message_id)
+            ended = job.bind(message_id)
+            if ended is not None:  # generation ended before the message was stored: store it now
+                await asyncio.to_thread(self._finish, message_id, *ended)
         return ids, jobs
 
     def _store_claimed(
@@ -164,26 +210,45 @@ class AnswerService:
             turn = start_turn(
                 session, session.get(User, user_id), None, history, [s.to_json() for s in samplings],
                 max_turns=self.settings.max_turns, source="api",
-                claimed_by=process_identity(), adapter_version=adapter.name if adapter else None,
+                claimed_by=self.claim_id, adapter_version=adapter.name if adapter else None,
             )
             return [a.id for a in turn.answers]  # type: ignore[misc]
 
-    async def _follow(self, message_id: int) -> AsyncIterator[GenerationChunk]:
+    async def _follow(self, message_id: int) -> AsyncIterator[GenerationChunk | None]:
+        """Wait for another caller's answer; the finished text as one chunk, or
+        None once the process generating it is found dead (the answer is back
+        to ``pending``, for the caller to claim)."""
+        last_check = time.monotonic()
         while True:
-            with Session(self.db) as session:
-                message = session.get(Message, message_id)
-                if message is None:
-                    return
-                if message.status in ("complete", "stopped", "error"):
-                    yield GenerationChunk(
-                        text=message.content,
-                        finished=True,
-                        finish_reason=message.finish_reason,
-                        prompt_tokens=message.prompt_tokens,
-                        completion_tokens=message.completion_tokens,
-                    )
+            message = await asyncio.to_thread(self._read, message_id)
+            if message is None:
+                return
+            if message.status in ("complete", "stopped", "error"):
+                yield GenerationChunk(
+                    text=message.content,
+                    finished=True,
+                    finish_reason=message.finish_reason,
+                    prompt_tokens=message.prompt_tokens,
+                    completion_tokens=message.completion_tokens,
+                )
+                return
+            if message.status == "pending":
+                yield None
+                return
+            if time.monotonic() - last_check > CLAIMER_CHECK_SECONDS and message_id not in self._running:
+                last_check = time.monotonic()
+                if await asyncio.to_thread(self._recover, message_id):
+                    yield None
                     return
             await asyncio.sleep(POLL_SECONDS)
+
+    def _read(self, message_id: int) -> Message | None:
+        with Session(self.db, expire_on_commit=False) as session:
+            return session.get(Message, message_id)
+
+    def _recover(self, message_id: int) -> bool:
+        with session_scope(self.db) as session:
+            return recover_abandoned_answers(session, [message_id]) > 0
 
     async def complete(self, message_id: int) -> Message:
         """Generate to the end (no streaming) and return the stored message."""
@@ -229,13 +294,14 @@ class AnswerJob:
         self._queue: asyncio.Queue[GenerationChunk | BaseException | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(context, sampling))
 
-    def bind(self, message_id: int) -> None:
-        """Tell the job which stored message it produces (it may start before)."""
+    def bind(self, message_id: int) -> tuple[str, str, GenerationChunk | None] | None:
+        """Tell the job which stored message it produces (it may start before).
+        Returns the result to store now if the generation already ended."""
         self.message_id = message_id
         if self._result is None:
             self.service._running[message_id] = self
-        else:  # generation ended before the message was stored: store it now
-            self.service._finish(message_id, *self._result)
+            return None
+        return self._result
 
     def cancel(self) -> None:
         self._task.cancel()
@@ -273,6 +339,9 @@ class AnswerJob:
                     # Off the event loop, which streams the other answers; shielded
                     # so a second cancellation cannot drop the write.
                     await asyncio.shield(asyncio.to_thread(service._finish, self.message_id, *self._result))
+            except NotStored as exc:  # the listener learns it (a 503), never an empty 200
+                log.error("%s", exc)
+                self._queue.put_nowait(exc)
             finally:
                 if service.metrics is not None:
                     service.metrics.observe_answer(
@@ -316,33 +385,3 @@ class AnswerJob:
         """Until the answer is generated and stored (raises what the engine raised)."""
         async for _ in self.chunks():
             pass
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def reset_interrupted_answers(db: Engine) -> int:
-    """Answers left ``streaming`` by a server process on this host that is gone
-    go back to ``pending``, so the next view regenerates them (their question was
-    accepted: don't lose it). Other hosts' and live processes' answers are left
-    alone: several servers may share the database."""
-    with session_scope(db) as session:
-        rows = session.exec(select(Message).where(Message.status == "streaming")).all()
-        reset = 0
-        for message in rows:
-            host, _, pid = (message.claimed_by or "").rpartition(":")
-            if host == HOST and pid.isdigit() and _process_alive(int(pid)):
-                continue
-            if host and host != HOST:
-                continue
-            message.status, message.content, message.claimed_by = "pending", "", None
-            session.add(message)
-            reset += 1
-        return reset

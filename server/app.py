@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from server.adapter_watcher import watch_active_adapter
 from server.adapters import AdapterRegistry
-from server.answers import AnswerService, reset_interrupted_answers
+from server.answers import AnswerService
 from server.api_key_cache import ApiKeyCache
 from server.engine.base import ChatEngine
 from server.engine.factory import build_engine
@@ -48,11 +48,13 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        reset = reset_interrupted_answers(db)
-        if reset:
-            log.info("%d answers interrupted by the last shutdown will be regenerated", reset)
+        answers: AnswerService = app.state.answers
+        recovered = await asyncio.to_thread(answers.announce)
+        if recovered:
+            log.info("%d answers abandoned by a stopped server will be regenerated", recovered)
         with session_scope(db) as session:
             reap_stale_runs(session)
+        presence = asyncio.create_task(answers.keep_presence())
         startup = asyncio.create_task(
             _start_serving(chat_engine, adapters, owns_engine, settings.adapter_poll_seconds)
         )
@@ -64,6 +66,8 @@ def create_app(
             yield
         finally:
             startup.cancel()
+            presence.cancel()
+            await asyncio.to_thread(answers.withdraw)
             if scheduler:
                 scheduler.shutdown()
             if owns_engine:

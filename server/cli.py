@@ -91,6 +91,81 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> None:
         print(f"revoked key {row.id} ({row.name})")
 
 
+def _read_password(confirm: bool = True) -> str:
+    """From a prompt (twice) on a terminal, else the first line of standard input."""
+    import getpass
+
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass("password: ")
+    if confirm and getpass.getpass("again: ") != password:
+        raise CliError("the two passwords differ; nothing was changed")
+    return password
+
+
+def _store_call(settings: Settings, change):
+    """Run ``change(session)`` in one transaction; a store error is a one-line failure."""
+    from store.db import session_scope
+    from store.errors import StoreError
+
+    try:
+        with session_scope(_db(settings)) as session:
+            return change(session)
+    except StoreError as exc:
+        raise CliError(exc.message) from exc
+
+
+def cmd_users_create(args: argparse.Namespace, settings: Settings) -> None:
+    from store.accounts import create_account
+
+    password = _read_password()
+    user = _store_call(settings, lambda s: create_account(s, args.name, password, admin=args.admin))
+    print(f"created {'admin' if args.admin else 'user'} account {user.username} (id {user.id})")
+
+
+def cmd_users_list(args: argparse.Namespace, settings: Settings) -> None:
+    from store.accounts import list_accounts
+
+    rows = _store_call(settings, list_accounts)
+    if not rows:
+        print("no accounts yet; the first sign-up becomes admin, or `tuneloop users create NAME --admin`")
+        return
+    print(f"{'id':>4}  {'username':<24} {'role':<6} {'status':<9} {'training':<9} created")
+    for row in rows:
+        training = "excluded" if row.excluded_from_training else "included"
+        print(f"{row.id:>4}  {row.username:<24} {row.role:<6} {row.status:<9} {training:<9} "
+              f"{row.created_at:%Y-%m-%d %H:%M}")
+
+
+def _set_status(settings: Settings, name: str, status: str) -> None:
+    from store.accounts import find_account, set_status
+
+    user = _store_call(settings, lambda s: set_status(s, find_account(s, name), status))
+    print(f"{user.username}: {user.status}" + (" (signed out everywhere)" if status == "disabled" else ""))
+
+
+def cmd_users_disable(args: argparse.Namespace, settings: Settings) -> None:
+    _set_status(settings, args.name, "disabled")
+
+
+def cmd_users_approve(args: argparse.Namespace, settings: Settings) -> None:
+    _set_status(settings, args.name, "active")
+
+
+def cmd_exclude(args: argparse.Namespace, settings: Settings) -> None:
+    from store.exclusions import adapters_reached, set_excluded
+
+    def change(session):
+        row = set_excluded(session, args.kind, args.id, excluded=not args.undo)
+        return adapters_reached(session, row.id) if args.kind == "user" else []
+
+    reached = _store_call(settings, change)
+    print(f"{args.kind} {args.id} {'included in' if args.undo else 'excluded from'} training from the next run")
+    if reached and not args.undo:
+        print(f"its feedback already reached {', '.join(reached)}; roll back to undo that "
+              "(`tuneloop adapters rollback`)")
+
+
 def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
     """One full cycle now, in the foreground; prints progress and the decision."""
     import time
@@ -341,6 +416,35 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key by id or prefix")
     revoke.add_argument("key", help="key id (from `keys list`) or its prefix")
     revoke.set_defaults(handler=cmd_keys_revoke)
+
+    users = commands.add_parser("users", help="accounts: create, list, approve, disable")
+    user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    create_user = user_commands.add_parser(
+        "create", help="create an active account (password from a prompt, or stdin when not a terminal)"
+    )
+    create_user.add_argument("name", help="the username")
+    create_user.add_argument("--admin", action="store_true", help="make it an admin")
+    create_user.set_defaults(handler=cmd_users_create)
+    user_commands.add_parser("list", help="every account with role, status and training").set_defaults(
+        handler=cmd_users_list
+    )
+    for action, handler, text in (
+        ("approve", cmd_users_approve, "activate a pending (or disabled) account"),
+        ("disable", cmd_users_disable, "disable an account and sign it out everywhere"),
+    ):
+        command = user_commands.add_parser(action, help=text)
+        command.add_argument("name", help="username or id")
+        command.set_defaults(handler=handler)
+
+    exclude = commands.add_parser(
+        "exclude", help="keep a user, conversation, message or pair out of training",
+        description="Exclude a source from every later training run (or include it again with --undo). "
+        "For a user, says which adapters their feedback already reached.",
+    )
+    exclude.add_argument("kind", choices=("user", "conversation", "message", "pair"))
+    exclude.add_argument("id", type=int, help="its id (shown on the dashboard)")
+    exclude.add_argument("--undo", action="store_true", help="include it again")
+    exclude.set_defaults(handler=cmd_exclude)
 
     export = commands.add_parser(
         "export", help="write the preference pairs (or raw feedback) as a dataset file",

@@ -47,6 +47,8 @@ STORE_ERROR_STATUS: dict[type[store_errors.StoreError], int] = {
     store_errors.UnknownAdapterVersion: 404,
     store_errors.Conflict: 409,
     store_errors.VersionNotServable: 409,
+    store_errors.NotAllowed: 403,
+    store_errors.NotStored: 503,
 }
 
 

@@ -45,3 +45,8 @@ class UnknownAdapterVersion(StoreError):
 class VersionNotServable(StoreError):
     """An adapter version that cannot be served (it failed to load, or its folder
     is not a servable LoRA)."""
+
+
+class NotStored(StoreError):
+    """An accepted write could not be made durable (the database stayed locked
+    or away through every retry); nothing may be acknowledged as stored."""
