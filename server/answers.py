@@ -64,9 +64,9 @@ class AnswerService:
         with session_scope(self.db) as session:
             return recover_abandoned_answers(session)
 
-    async def keep_presence(self) -> None:
+    async def keep_presence(self, first_delay: float = RENEW_S) -> None:
+        await asyncio.sleep(first_delay)
         while True:
-            await asyncio.sleep(RENEW_S)
             try:
                 recovered = await asyncio.to_thread(self.announce)
                 if recovered:
@@ -75,6 +75,7 @@ class AnswerService:
                 raise
             except Exception:  # a busy database: try again on the next tick
                 log.exception("presence renewal failed; retrying")
+            await asyncio.sleep(RENEW_S)
 
     def withdraw(self) -> None:
         with session_scope(self.db) as session:
