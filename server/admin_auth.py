@@ -1,8 +1,9 @@
 """The admin dashboard's sign-in: the admin token, once, buys a signed session
-cookie; writes made with that cookie need its CSRF token.
+cookie; writes made with that cookie need its CSRF token
+(``server.csrf.admin_session_token``).
 
 Pure functions over the settings and the cookie value, so both the dashboard
-pages (``server.routes.admin_pages``) and the JSON admin API
+pages (``server.deps.admin_session``) and the JSON admin API
 (``server.deps.admin``) accept the same session.
 
 The cookie holds a random session id and a fingerprint of the admin token
@@ -59,15 +60,6 @@ def session_id(settings: Settings, cookie: str | None, max_age_s: int = SESSION_
     if not hmac.compare_digest(str(data.get("fp", "")), _token_fingerprint(settings)):
         return None
     return data["sid"]
-
-
-def csrf_token(settings: Settings, sid: str) -> str:
-    """The CSRF token of one admin session; pages put it in forms and in htmx headers."""
-    return hmac.new(settings.secret_key.encode(), f"admin-csrf:{sid}".encode(), hashlib.sha256).hexdigest()
-
-
-def csrf_valid(settings: Settings, sid: str, token: str | None) -> bool:
-    return bool(token) and hmac.compare_digest(csrf_token(settings, sid), token or "")
 
 
 def cookie_header(settings: Settings, value: str) -> str:

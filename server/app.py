@@ -22,7 +22,7 @@ from server.errors import install_error_handlers
 from server.metrics import Metrics, RequestMetrics
 from server.middleware import BodySizeLimit, BrowserIdentity
 from server.rendering import STATIC_DIR, make_templates
-from server.routes import admin, admin_export, admin_ops, admin_pages, comparisons, feedback, health, openai_api, pages
+from server.routes import admin, comparisons, feedback, health, openai_api, pages
 from server.scheduler import RetrainScheduler
 from store.db import make_engine, session_scope, upgrade
 from store.run_lease import reap_stale_runs
@@ -90,8 +90,10 @@ def create_app(
     app.state.started_at = time.time()
 
     install_error_handlers(app)
-    for module in (health, openai_api, feedback, comparisons, admin, admin_export, admin_pages, admin_ops, pages):
-        app.include_router(module.router)
+    for router in (
+        health.router, openai_api.router, feedback.router, comparisons.router, *admin.ROUTERS, pages.router
+    ):
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     def create_browser_user() -> int:

@@ -1,4 +1,5 @@
-"""Who is asking: browser identities (signed cookie), API keys, CSRF tokens.
+"""Who is asking: browser identities (signed cookie) and API keys. Their CSRF
+tokens are in ``server.csrf``.
 
 A browser gets a user row on its first page view and a signed cookie naming
 it. API callers send ``Authorization: Bearer <key>``; keys are random, shown
@@ -8,7 +9,6 @@ once, and stored only as their SHA-256.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 
 from itsdangerous import BadSignature, URLSafeSerializer
@@ -38,16 +38,6 @@ def read_user_cookie(secret_key: str, value: str | None) -> int | None:
         return None
     uid = data.get("uid") if isinstance(data, dict) else None
     return uid if isinstance(uid, int) else None
-
-
-def csrf_token(secret_key: str, user_id: int) -> str:
-    """A per-identity token that cross-site pages cannot read or forge."""
-    digest = hmac.new(secret_key.encode(), f"csrf:{user_id}".encode(), hashlib.sha256)
-    return digest.hexdigest()
-
-
-def csrf_token_valid(secret_key: str, user_id: int, token: str | None) -> bool:
-    return bool(token) and hmac.compare_digest(csrf_token(secret_key, user_id), token or "")
 
 
 def hash_key(key: str) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
-from server.deps import AnswersDep, CurrentUser, SessionDep, SettingsDep
+from server.deps import AnswersDep, CurrentUser, EngineDep, MetricsDep, SessionDep, SettingsDep
 from server.engine.base import SamplingSettings
 from server.errors import ApiError
 from server.schemas import ChoiceIn, ComparisonIn, validate_chat
@@ -30,14 +30,14 @@ def _answer_json(message: Message) -> dict:
 
 @router.post("/comparisons")
 async def create_comparison(
-    body: ComparisonIn, request: Request, user: CurrentUser, settings: SettingsDep, answers: AnswersDep
+    body: ComparisonIn, user: CurrentUser, settings: SettingsDep, answers: AnswersDep, engine: EngineDep
 ) -> dict:
     history = validate_chat(body.messages, settings, answers=2)
     max_tokens = body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_new_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is over the limit of {settings.max_new_tokens}", "max_tokens")
     answers.check_context_fits(history, max_tokens)
-    if not request.app.state.engine.ready:
+    if not engine.ready:
         raise ApiError(503, "the model engine is starting or restarting; retry shortly")
     seed = body.seed if body.seed is not None else answers.web_sampling().seed
     samplings = [
@@ -56,10 +56,10 @@ async def create_comparison(
 
 @router.post("/comparisons/{comparison_id}/choice")
 def choose(
-    comparison_id: int, body: ChoiceIn, request: Request, user: CurrentUser, session: SessionDep,
-    settings: SettingsDep,
+    comparison_id: int, body: ChoiceIn, user: CurrentUser, session: SessionDep, settings: SettingsDep,
+    metrics: MetricsDep,
 ) -> dict:
     comparison = record_choice(session, user, comparison_id, body.winner, eval_share=settings.eval_share)
     session.commit()
-    request.app.state.metrics.feedback(f"choice_{body.winner}")
+    metrics.feedback(f"choice_{body.winner}")
     return {"id": comparison.id, "winner": comparison.winner, "decided_at": comparison.decided_at.isoformat()}

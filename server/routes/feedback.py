@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from sqlmodel import select
 
-from server.deps import CurrentUser, SessionDep, SettingsDep
+from server.deps import CurrentUser, MetricsDep, SessionDep, SettingsDep
 from server.schemas import FeedbackIn
 from store.conversations import owned_message
 from store.feedback import record_feedback
@@ -51,12 +51,12 @@ def get_message(message_id: int, user: CurrentUser, session: SessionDep) -> dict
 
 @router.post("/messages/{message_id}/feedback")
 def post_feedback(
-    message_id: int, body: FeedbackIn, request: Request, user: CurrentUser, session: SessionDep,
-    settings: SettingsDep,
+    message_id: int, body: FeedbackIn, user: CurrentUser, session: SessionDep, settings: SettingsDep,
+    metrics: MetricsDep,
 ) -> dict:
     feedback = record_feedback(
         session, user, message_id, body.rating, body.comment, body.tags, eval_share=settings.eval_share
     )
     session.commit()
-    request.app.state.metrics.feedback(f"thumbs_{body.rating}")
+    metrics.feedback(f"thumbs_{body.rating}")
     return {"message_id": message_id, **(feedback_json(feedback) or {})}

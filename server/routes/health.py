@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
+from server.deps import AdaptersDep, EngineDep, MetricsDep
 from server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz(request: Request) -> JSONResponse:
-    engine = request.app.state.engine
-    adapter = request.app.state.adapters.active
+async def healthz(engine: EngineDep, adapters: AdaptersDep) -> JSONResponse:
+    adapter = adapters.active
     body = {
         "status": "ok" if engine.ready else getattr(engine, "state", "unavailable"),
         "engine": engine.name,
@@ -24,7 +24,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
-def metrics(request: Request) -> Response:
+def metrics(metrics: MetricsDep) -> Response:
     """Prometheus text format (see server/metrics.py for what each series means).
     Open like /healthz: it holds counts, never content; restrict it at the proxy if needed."""
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+    return Response(metrics.render(), media_type=CONTENT_TYPE)

@@ -14,12 +14,12 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.answers import AnswerJob
-from server.deps import AnswersDep, CurrentUser, SettingsDep
-from server.engine.base import GenerationChunk, SamplingSettings
+from server.deps import AdaptersDep, AnswersDep, CurrentUser, EngineDep, SettingsDep, StartedAtDep
+from server.engine.base import ChatEngine, GenerationChunk, SamplingSettings
 from server.errors import ApiError, error_body
 from server.schemas import ChatCompletionRequest, validate_chat
 from store.settings import Settings
@@ -49,8 +49,8 @@ def sampling_from(body: ChatCompletionRequest, settings: Settings) -> SamplingSe
     )
 
 
-def check_model(requested: str | None, request: Request) -> str:
-    known = {SERVED_NAME, request.app.state.engine.model}
+def check_model(requested: str | None, engine: ChatEngine) -> str:
+    known = {SERVED_NAME, engine.model}
     if requested and requested not in known:
         raise ApiError(
             404, f"model `{requested}` does not exist; GET /v1/models lists "
@@ -60,9 +60,11 @@ def check_model(requested: str | None, request: Request) -> str:
 
 
 @router.get("/models")
-async def list_models(request: Request, user: CurrentUser) -> dict:
-    adapter = request.app.state.adapters.active
-    created = int(request.app.state.started_at)
+async def list_models(
+    user: CurrentUser, engine: EngineDep, adapters: AdaptersDep, started_at: StartedAtDep
+) -> dict:
+    adapter = adapters.active
+    created = int(started_at)
     return {
         "object": "list",
         "data": [
@@ -73,7 +75,7 @@ async def list_models(request: Request, user: CurrentUser) -> dict:
                 "owned_by": "tuneloop",
                 "tuneloop": {"adapter": adapter.name if adapter else None},
             },
-            {"id": request.app.state.engine.model, "object": "model", "created": created,
+            {"id": engine.model, "object": "model", "created": created,
              "owned_by": "tuneloop", "tuneloop": {"adapter": None}},
         ],
     }
@@ -81,14 +83,14 @@ async def list_models(request: Request, user: CurrentUser) -> dict:
 
 @router.post("/chat/completions")
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, user: CurrentUser, settings: SettingsDep,
-    answers: AnswersDep,
+    body: ChatCompletionRequest, user: CurrentUser, settings: SettingsDep, answers: AnswersDep,
+    engine: EngineDep,
 ):
-    model = check_model(body.model, request)
+    model = check_model(body.model, engine)
     history = validate_chat(body.messages, settings, answers=body.n)
     sampling = sampling_from(body, settings)
     answers.check_context_fits(history, sampling.max_tokens)
-    if not request.app.state.engine.ready:
+    if not engine.ready:
         raise ApiError(503, "the model engine is starting or restarting; retry shortly")
     samplings = [
         SamplingSettings(**{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + i})

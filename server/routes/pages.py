@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import random
 from html import escape
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from server.deps import AnswersDep, BrowserUser, SessionDep, SettingsDep
+from server.answers import AnswerService
+from server.csrf import browser_token
+from server.deps import (
+    AnswersDep,
+    BrowserUser,
+    DbDep,
+    MetricsDep,
+    PageRender,
+    SessionDep,
+    SettingsDep,
+    TemplatesDep,
+)
 from server.engine.base import EngineUnavailable
 from server.errors import ApiError
-from server.identity import csrf_token
+from server.rendering import is_htmx
 from server.schemas import FeedbackIn
 from store.conversations import (
     add_message,
@@ -35,30 +48,12 @@ from store.conversations import (
     thread,
 )
 from store.feedback import record_choice, record_feedback
+from store.settings import Settings
 from store.tables import Comparison, Conversation, Message, User
 
 router = APIRouter(tags=["pages"], include_in_schema=False)
 
 ContentForm = Annotated[str, Form(max_length=100_000)]
-
-
-def _is_htmx(request: Request) -> bool:
-    return request.headers.get("HX-Request") == "true"
-
-
-def _render(request: Request, name: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
-    settings = request.app.state.settings
-    user: User | None = context.get("user")
-    base = {
-        "csrf": csrf_token(settings.secret_key, user.id) if user else "",
-        "adapter": request.app.state.adapters.active,
-        "engine": request.app.state.engine,
-    }
-    response = request.app.state.templates.TemplateResponse(
-        request, name, {**base, **context}, status_code=status
-    )
-    response.headers["Vary"] = "HX-Request"
-    return response
 
 
 # --- view models ------------------------------------------------------------
@@ -117,18 +112,19 @@ def _in_open_comparison(session: Session, message: Message) -> Comparison | None
 
 
 @router.get("/", response_class=HTMLResponse)
-def index(request: Request, user: BrowserUser, session: SessionDep) -> HTMLResponse:
-    return _render(
-        request, "index.html",
-        {"user": user, "conversations": list_conversations(session, user), "conversation": None},
+def index(user: BrowserUser, session: SessionDep, render: PageRender) -> HTMLResponse:
+    return render(
+        "index.html", {"user": user, "conversations": list_conversations(session, user), "conversation": None}
     )
 
 
 @router.get("/c/{conversation_id}", response_class=HTMLResponse)
-def conversation_page(conversation_id: int, request: Request, user: BrowserUser, session: SessionDep) -> HTMLResponse:
+def conversation_page(
+    conversation_id: int, user: BrowserUser, session: SessionDep, render: PageRender
+) -> HTMLResponse:
     conversation = owned_conversation(session, user, conversation_id)
-    return _render(
-        request, "conversation.html",
+    return render(
+        "conversation.html",
         {
             "user": user,
             "conversation": conversation,
@@ -150,11 +146,11 @@ def _check_text(text: str, max_chars: int) -> str:
 
 
 def _add_turn(
-    session: Session, request: Request, user: User, conversation: Conversation | None, text: str, answers
+    session: Session, settings: Settings, user: User, conversation: Conversation | None, text: str,
+    answers: AnswerService,
 ) -> tuple[Conversation, dict]:
     """Store the user's message and one answer, or two as an A/B turn (a new
     conversation when ``conversation`` is None)."""
-    settings = request.app.state.settings
     ab = random.random() < settings.ab_rate
     turn = start_turn(
         session, user, conversation, [{"role": "user", "content": text}],
@@ -170,7 +166,7 @@ def _add_turn(
     return conversation, {"question": turn.question, "answer": answer}
 
 
-async def _finish_without_js(answers, session: Session, conversation: Conversation) -> None:
+async def _finish_without_js(answers: AnswerService, session: Session, conversation: Conversation) -> None:
     """No JavaScript, no SSE: produce the pending answers before redirecting."""
     pending = session.exec(
         select(Message.id).where(Message.conversation_id == conversation.id, Message.status == "pending")
@@ -185,9 +181,9 @@ async def new_conversation(
     answers: AnswersDep, content: ContentForm,
 ) -> Response:
     text = _check_text(content, settings.max_message_chars)
-    conversation, _ = _add_turn(session, request, user, None, text, answers)
+    conversation, _ = _add_turn(session, settings, user, None, text, answers)
     url = f"/c/{conversation.id}"
-    if _is_htmx(request):
+    if is_htmx(request):
         return Response(status_code=204, headers={"HX-Location": url})
     await _finish_without_js(answers, session, conversation)
     return RedirectResponse(url, status_code=303)
@@ -196,13 +192,13 @@ async def new_conversation(
 @router.post("/c/{conversation_id}/messages")
 async def post_message(
     conversation_id: int, request: Request, user: BrowserUser, session: SessionDep,
-    settings: SettingsDep, answers: AnswersDep, content: ContentForm,
+    settings: SettingsDep, answers: AnswersDep, render: PageRender, content: ContentForm,
 ) -> Response:
     conversation = owned_conversation(session, user, conversation_id)
     text = _check_text(content, settings.max_message_chars)
-    conversation, turn = _add_turn(session, request, user, conversation, text, answers)
-    if _is_htmx(request):
-        return _render(request, "_turn.html", {"user": user, "conversation": conversation, **turn})
+    conversation, turn = _add_turn(session, settings, user, conversation, text, answers)
+    if is_htmx(request):
+        return render("_turn.html", {"user": user, "conversation": conversation, **turn})
     await _finish_without_js(answers, session, conversation)
     return RedirectResponse(f"/c/{conversation.id}", status_code=303)
 
@@ -217,7 +213,8 @@ def _sse(event: str, data: str) -> str:
 
 @router.get("/answers/{message_id}/stream")
 async def stream_answer(
-    message_id: int, request: Request, user: BrowserUser, session: SessionDep, answers: AnswersDep
+    message_id: int, user: BrowserUser, session: SessionDep, answers: AnswersDep,
+    settings: SettingsDep, db: DbDep, templates: TemplatesDep,
 ) -> StreamingResponse:
     owned_message(session, user, message_id)
     session.close()  # the stream may last minutes: don't hold a connection
@@ -229,7 +226,7 @@ async def stream_answer(
                     yield _sse("token", escape(chunk.text))
         except (EngineUnavailable, ValueError) as exc:
             yield _sse("token", f'<span class="inline-error">The model could not answer: {escape(str(exc))}</span>')
-        yield _sse("done", _final_fragment(request, user, message_id))
+        yield _sse("done", _final_fragment(db, templates, settings, user, message_id))
 
     return StreamingResponse(
         events(), media_type="text/event-stream",
@@ -237,14 +234,16 @@ async def stream_answer(
     )
 
 
-def _final_fragment(request: Request, user: User, message_id: int) -> str:
-    with Session(request.app.state.db) as session:
+def _final_fragment(db: Engine, templates: Jinja2Templates, settings: Settings, user: User, message_id: int) -> str:
+    """The answer's fragment once its stream ends (the stream's own session was
+    closed at its start, so this opens one)."""
+    with Session(db) as session:
         message = session.get(Message, message_id)
         conversation = session.get(Conversation, message.conversation_id)
         view = message_view(session, user, message, conversation)
         in_comparison = _in_open_comparison(session, message) is not None
-        return request.app.state.templates.get_template("_message.html").render(
-            {**view, "in_comparison": in_comparison, "csrf": csrf_token(request.app.state.settings.secret_key, user.id)}
+        return templates.get_template("_message.html").render(
+            {**view, "in_comparison": in_comparison, "csrf": browser_token(settings.secret_key, user.id)}
         )
 
 
@@ -258,7 +257,7 @@ async def stop_answer(message_id: int, user: BrowserUser, session: SessionDep, a
 @router.post("/answers/{message_id}/regenerate")
 async def regenerate(
     message_id: int, request: Request, user: BrowserUser, session: SessionDep,
-    settings: SettingsDep, answers: AnswersDep,
+    settings: SettingsDep, answers: AnswersDep, render: PageRender,
 ) -> Response:
     message, conversation = owned_message(session, user, message_id)
     if message.role != "assistant":
@@ -270,9 +269,9 @@ async def regenerate(
     )
     set_leaf(session, conversation, sibling)
     session.commit()
-    if _is_htmx(request):
+    if is_htmx(request):
         view = message_view(session, user, sibling, conversation)
-        return _render(request, "_message.html", {"user": user, **view})
+        return render("_message.html", {"user": user, **view})
     await answers.complete(sibling.id)
     return RedirectResponse(f"/c/{conversation.id}", status_code=303)
 
@@ -297,7 +296,7 @@ def select_branch(message_id: int, user: BrowserUser, session: SessionDep) -> Re
 @router.post("/answers/{message_id}/feedback")
 def rate_answer(
     message_id: int, request: Request, user: BrowserUser, session: SessionDep,
-    settings: SettingsDep,
+    settings: SettingsDep, metrics: MetricsDep, render: PageRender,
     rating: Annotated[str | None, Form()] = None,
     current_rating: Annotated[str | None, Form()] = None,
     comment: Annotated[str, Form(max_length=2000)] = "",
@@ -309,25 +308,25 @@ def rate_answer(
     data = FeedbackIn(rating=chosen, comment=comment, tags=[t for t in tags.split(",") if t.strip()])
     record_feedback(session, user, message_id, data.rating, data.comment, data.tags, eval_share=settings.eval_share)
     session.commit()
-    request.app.state.metrics.feedback(f"thumbs_{chosen}")
+    metrics.feedback(f"thumbs_{chosen}")
     message, conversation = owned_message(session, user, message_id)
-    if _is_htmx(request):
+    if is_htmx(request):
         view = message_view(session, user, message, conversation)
-        return _render(request, "_feedback.html", {"user": user, **view})
+        return render("_feedback.html", {"user": user, **view})
     return RedirectResponse(f"/c/{conversation.id}", status_code=303)
 
 
 @router.post("/comparisons/{comparison_id}/choice")
 def choose(
     comparison_id: int, request: Request, user: BrowserUser, session: SessionDep, settings: SettingsDep,
-    winner: Annotated[str, Form()],
+    metrics: MetricsDep, render: PageRender, winner: Annotated[str, Form()],
 ) -> Response:
     comparison = record_choice(session, user, comparison_id, winner, eval_share=settings.eval_share)  # type: ignore[arg-type]
     session.commit()
-    request.app.state.metrics.feedback(f"choice_{winner}")
+    metrics.feedback(f"choice_{winner}")
     conversation = session.get(Conversation, comparison.conversation_id)
-    if _is_htmx(request):
+    if is_htmx(request):
         chosen = session.get(Message, comparison.message_b_id if winner == "b" else comparison.message_a_id)
         view = message_view(session, user, chosen, conversation)
-        return _render(request, "_message.html", {"user": user, **view, "choice": winner})
+        return render("_message.html", {"user": user, **view, "choice": winner})
     return RedirectResponse(f"/c/{conversation.id}", status_code=303)

@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 from server import admin_auth
 from server.app import create_app
 from server.retraining import StartedCycle
-from server.routes import admin_ops
+from server.routes.admin import runs as admin_runs
 from store.tables import AdapterVersion, ApiKey, TrainingRun
 from tests.conftest import make_settings
 from tests.support.admin_data import seed
@@ -369,7 +369,7 @@ def test_retrain_now_starts_a_cycle_and_opens_its_run(app, admin, monkeypatch):
         calls.append(trigger)
         return StartedCycle(run_id=77, process=None, log_path=None)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(admin_ops, "start_cycle", fake_start)
+    monkeypatch.setattr(admin_runs, "start_cycle", fake_start)
     response = admin.post("/admin/runs/retrain", data={"csrf_token": admin.csrf}, follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/admin/runs/77"
     htmx = admin.post("/admin/runs/retrain", headers={"HX-Request": "true", "X-CSRF-Token": admin.csrf})
@@ -428,6 +428,20 @@ def test_rollback_with_htmx_swaps_the_table_and_changes_the_db(app, admin):
     assert "active" not in adapter_statuses(app).values()
     third = admin.post("/admin/adapters/rollback", headers={"HX-Request": "true", "X-CSRF-Token": admin.csrf})
     assert third.status_code == 409 and "nothing to roll back" in parse(third.text).select_one(".notice.error").text()
+
+
+def test_base_is_a_version_the_dashboard_can_activate(app, admin):
+    """``base`` reads as it does in the API and the CLI (store.registry.parse_version)."""
+    confirm = parse(admin.get("/admin/adapters/base/activate").text)
+    form = confirm.select_one("form.confirm-form[method=post][action='/admin/adapters/base/activate']")
+    text = confirm.select_one(".confirm-card").text()
+    assert "base model" in text and "replacing v2" in text
+    csrf = form.select_one("input[name=csrf_token]").get("value")
+    response = admin.post("/admin/adapters/base/activate", data={"csrf_token": csrf})
+    assert response.status_code == 200 and str(response.url).endswith("/admin/adapters?activated=base")
+    assert "active" not in adapter_statuses(app).values()
+    assert "base is now active" in parse(response.text).select_one(".notice.ok").text()
+    assert admin.get("/admin/adapters/latest/activate").status_code == 400
 
 
 def test_failed_or_unknown_versions_are_refused_with_a_reason(app, admin):

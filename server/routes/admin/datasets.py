@@ -19,22 +19,23 @@ import zipfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import File, Form, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.background import BackgroundTask
 
 from server.deps import AdminDep, SessionDep, SettingsDep
 from server.errors import ApiError, error_body
+from server.routes.admin.dashboard import api_router
 from store.exchange.export import DATASET_INFO, default_filename, export_dataset, parse_since
 from store.exchange.importing import DatasetImportError, import_dataset
 
-router = APIRouter(prefix="/api/admin", tags=["admin"])
+api = api_router()
 
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "parquet": "application/vnd.apache.parquet", "zip": "application/zip"}
 
 
-@router.get("/export")
+@api.get("/export")
 def export(
     _: AdminDep,
     session: SessionDep,
@@ -69,7 +70,7 @@ def export(
     return FileResponse(path, media_type=media_type, filename=path.name, headers=headers, background=cleanup)
 
 
-@router.post("/import")
+@api.post("/import")
 def import_file(
     _: AdminDep,
     session: SessionDep,

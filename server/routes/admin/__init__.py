@@ -1,0 +1,24 @@
+"""The admin side, one module per resource, each holding the resource's JSON
+API (``/api/admin/...``) and its dashboard pages (``/admin/...``) side by side:
+
+- ``session``: sign in and out of the dashboard;
+- ``feedback``: the feedback overview, conversations, preference pairs;
+- ``datasets``: export and import of pair files;
+- ``runs``: retraining cycles and their runs;
+- ``adapters``: adapter versions, activation, rollback, lineage;
+- ``keys``: API keys.
+
+``shapes`` holds the JSON shapes they share; ``dashboard`` the routers and the
+sign-in redirect every page route uses.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.routes.admin import adapters, datasets, feedback, keys, runs, session
+
+ROUTERS: tuple[APIRouter, ...] = (
+    runs.api, adapters.api, datasets.api,
+    session.pages, feedback.pages, runs.pages, adapters.pages, keys.pages,
+)

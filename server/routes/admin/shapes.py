@@ -1,0 +1,61 @@
+"""The JSON shapes of the admin API: a training run, an adapter version, and an
+adapter's lineage. Plain functions of store rows, shared by the JSON routes and
+the dashboard pages that show the same data."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session
+
+from store.registry import lineage_pairs, version_name
+from store.tables import AdapterVersion, TrainingRun
+
+
+def run_json(run: TrainingRun) -> dict[str, Any]:
+    return {
+        "id": run.id, "status": run.status, "trigger": run.trigger, "progress": run.progress,
+        "metrics": run.metrics, "error": run.error, "adapter_version": _name(run.adapter_version),
+        "parent_version": _name(run.parent_version),
+        "created_at": _iso(run.created_at), "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at), "heartbeat_at": _iso(run.heartbeat_at),
+    }
+
+
+def adapter_json(row: AdapterVersion) -> dict[str, Any]:
+    return {
+        "version": row.name, "status": row.status, "path": row.path,
+        "parent_version": _name(row.parent_version), "training_run_id": row.training_run_id,
+        "metrics": row.metrics, "error": row.error,
+        "created_at": _iso(row.created_at), "activated_at": _iso(row.activated_at),
+    }
+
+
+def lineage_json(session: Session, row: AdapterVersion) -> dict[str, Any]:
+    """The version, its parent, its run and evaluation, and the pairs it trained
+    on with the feedback rows they came from."""
+    run = session.get(TrainingRun, row.training_run_id) if row.training_run_id else None
+    return {
+        "adapter": adapter_json(row),
+        "parent": _name(row.parent_version),
+        "run": run_json(run) if run else None,
+        "evaluation": row.metrics,
+        "pairs": [
+            {
+                "id": pair.id, "role": link.role, "source": pair.source, "split": pair.split,
+                "user_id": pair.user_id, "comparison_id": pair.comparison_id,
+                "chosen_message_id": pair.chosen_message_id, "rejected_message_id": pair.rejected_message_id,
+                "chosen_feedback_id": pair.chosen_feedback_id, "rejected_feedback_id": pair.rejected_feedback_id,
+            }
+            for link, pair in lineage_pairs(session, row)
+        ],
+    }
+
+
+def _name(version: int | None) -> str | None:
+    return version_name(version) if version is not None else None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
