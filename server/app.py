@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import OperationalError
 
 from server.adapter_watcher import watch_active_adapter
 from server.adapters import AdapterRegistry
@@ -24,7 +25,10 @@ from server.middleware import BodySizeLimit, BrowserIdentity
 from server.rendering import STATIC_DIR, make_templates
 from server.routes import admin, comparisons, feedback, health, openai_api, pages
 from server.scheduler import RetrainScheduler
+from server.security_headers import SecurityHeaders
+from server.timeouts import BodyReadTimeout
 from store.db import make_engine, session_scope, upgrade
+from store.presence import RENEW_S as PRESENCE_RENEW_S
 from store.run_lease import reap_stale_runs
 from store.settings import Settings
 from store.tables import User
@@ -49,12 +53,17 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         answers: AnswerService = app.state.answers
-        recovered = await asyncio.to_thread(answers.announce)
-        if recovered:
-            log.info("%d answers abandoned by a stopped server will be regenerated", recovered)
-        with session_scope(db) as session:
-            reap_stale_runs(session)
-        presence = asyncio.create_task(answers.keep_presence())
+        try:
+            recovered = await asyncio.to_thread(answers.announce)
+            if recovered:
+                log.info("%d answers abandoned by a stopped server will be regenerated", recovered)
+            with session_scope(db) as session:
+                reap_stale_runs(session)
+            first_presence = PRESENCE_RENEW_S
+        except OperationalError as exc:  # a locked or unreachable database must not stop the server starting
+            log.warning("start-up bookkeeping postponed, the database is busy: %s", exc.orig)
+            first_presence = 1.0
+        presence = asyncio.create_task(answers.keep_presence(first_presence))
         startup = asyncio.create_task(
             _start_serving(chat_engine, adapters, owns_engine, settings.adapter_poll_seconds)
         )
@@ -67,14 +76,19 @@ def create_app(
         finally:
             startup.cancel()
             presence.cancel()
-            await asyncio.to_thread(answers.withdraw)
+            try:
+                await asyncio.to_thread(answers.withdraw)
+            except OperationalError:  # the presence lease expires by itself within store.presence.TTL_S
+                log.warning("could not withdraw this server's presence; it expires by itself")
             if scheduler:
                 scheduler.shutdown()
             if owns_engine:
                 await chat_engine.shutdown()
             db.dispose()
 
-    app = FastAPI(title="tuneloop", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="tuneloop", version="0.1.0", lifespan=lifespan, openapi_url="/openapi.json" if settings.api_docs else None
+    )
     app.state.settings = settings
     app.state.db = db
     app.state.engine = chat_engine
@@ -112,6 +126,8 @@ def create_app(
         larger={"/api/admin/import": (settings.max_import_bytes, "TUNELOOP_MAX_IMPORT_BYTES")},
     )
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodyReadTimeout, seconds=settings.body_timeout_seconds)
+    app.add_middleware(SecurityHeaders)
     return app
 
 
