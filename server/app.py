@@ -25,8 +25,6 @@ from server.middleware import BodySizeLimit, BrowserIdentity
 from server.rendering import STATIC_DIR, make_templates
 from server.routes import admin, comparisons, feedback, health, openai_api, pages
 from server.scheduler import RetrainScheduler
-from server.security_headers import SecurityHeaders
-from server.timeouts import BodyReadTimeout
 from store.db import make_engine, session_scope, upgrade
 from store.presence import RENEW_S as PRESENCE_RENEW_S
 from store.run_lease import reap_stale_runs
@@ -86,9 +84,7 @@ def create_app(
                 await chat_engine.shutdown()
             db.dispose()
 
-    app = FastAPI(
-        title="tuneloop", version="0.1.0", lifespan=lifespan, openapi_url="/openapi.json" if settings.api_docs else None
-    )
+    app = FastAPI(title="tuneloop", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.db = db
     app.state.engine = chat_engine
@@ -126,8 +122,6 @@ def create_app(
         larger={"/api/admin/import": (settings.max_import_bytes, "TUNELOOP_MAX_IMPORT_BYTES")},
     )
     app.add_middleware(RequestMetrics, metrics=metrics)
-    app.add_middleware(BodyReadTimeout, seconds=settings.body_timeout_seconds)
-    app.add_middleware(SecurityHeaders)
     return app
 
 
