@@ -10,13 +10,17 @@ Shape (the OpenAI one, so OpenAI clients surface the message)::
 from __future__ import annotations
 
 import logging
+import traceback
 from html import escape
+from pathlib import Path
 from typing import Any
 
+import pydantic
+import sqlalchemy
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.base import EngineUnavailable
@@ -30,6 +34,7 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "request_timeout",
     409: "conflict_error",
     413: "request_too_large",
     415: "invalid_request_error",
@@ -96,7 +101,7 @@ def error_response(request: Request, status: int, message: str, param: str | Non
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+def _describe_validation(exc: RequestValidationError | pydantic.ValidationError) -> tuple[str, str | None]:
     parts = []
     first_param = None
     for err in exc.errors()[:5]:
@@ -110,6 +115,29 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
         first_param = first_param or where
         parts.append(f"{where}: {err.get('msg', 'invalid value')}")
     return "; ".join(parts) or "invalid request", first_param
+
+
+# SQLSTATE class 22 "data exception", code 22003: a number out of the column type's range
+_NUMERIC_OUT_OF_RANGE = "22003"
+_SQLALCHEMY_DIR = Path(sqlalchemy.__file__).parent
+
+
+def _driver_overflow(exc: OverflowError) -> bool:
+    """Whether the driver raised it binding a parameter: sqlite3 refuses ints
+    beyond 64 bits with a bare OverflowError, raised from SQLAlchemy's execute."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).is_relative_to(_SQLALCHEMY_DIR)
+
+
+def _out_of_range(request: Request, reason: str):
+    """A number beyond the database's integer range: no row can have it, so an id
+    in the path is a 404 like any other missing id; elsewhere the request is wrong."""
+    ids = [str(value) for value in request.path_params.values() if str(value).lstrip("-").isdigit()]
+    if ids:
+        return error_response(request, 404, f"nothing has id {ids[0]}: it is beyond the database's range")
+    return error_response(
+        request, 400, f"a number in the request is beyond the database's range ({reason}); use a smaller one"
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -134,6 +162,27 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError):
         message, param = _describe_validation(exc)
         return error_response(request, 422, message, param)
+
+    @app.exception_handler(pydantic.ValidationError)
+    async def _handler_validation_error(request: Request, exc: pydantic.ValidationError):
+        message, param = _describe_validation(exc)  # a shape a handler built from form fields
+        return error_response(request, 422, message, param)
+
+    @app.exception_handler(DataError)
+    async def _value_refused_by_database(request: Request, exc: DataError):
+        reason = str(exc.orig).splitlines()[0] if exc.orig else "invalid value"
+        if getattr(exc.orig, "sqlstate", None) == _NUMERIC_OUT_OF_RANGE:
+            return _out_of_range(request, reason)
+        return error_response(
+            request, 400, f"the database cannot store a value of this request ({reason}); nothing was saved, "
+            "correct the value and send it again",
+        )
+
+    @app.exception_handler(OverflowError)
+    async def _overflow(request: Request, exc: OverflowError):
+        if not _driver_overflow(exc):
+            raise exc  # a bug, not a request: the 500 handler logs it
+        return _out_of_range(request, str(exc))
 
     @app.exception_handler(EngineUnavailable)
     async def _engine_unavailable(request: Request, exc: EngineUnavailable):

@@ -71,7 +71,7 @@ def _svg(figure: Figure, svg_id: str, title: str) -> Markup:
     buffer = io.StringIO()
     with matplotlib.rc_context({**_STYLE, "svg.id": svg_id}):
         figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
-    text = buffer.getvalue()
+    text = _without_inline_css(buffer.getvalue())
     text = text[text.index("<svg") :]
     text = text.replace("<svg ", f'<svg role="img" aria-label="{_escape_attr(title)}" ', 1)
     return Markup(text)
@@ -79,6 +79,27 @@ def _svg(figure: Figure, svg_id: str, title: str) -> Markup:
 
 def _escape_attr(text: str) -> str:
     return text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+
+
+_STYLE_ATTRIBUTE = re.compile(r'\sstyle="([^"]*)"')
+_STYLE_ELEMENT = re.compile(r"<style[^>]*>\s*\*\s*\{([^}]*)\}\s*</style>")
+
+
+def _without_inline_css(svg: str) -> str:
+    """The pages' Content-Security-Policy refuses inline CSS, so matplotlib's
+    declarations become SVG presentation attributes, which are markup:
+    ``style="fill: #fff"`` -> ``fill="#fff"``; its ``<style>*{...}</style>``
+    defaults move to the root ``<svg>`` (the properties it sets are inherited)."""
+
+    def attributes(declarations: str) -> str:
+        pairs = (part.split(":", 1) for part in declarations.split(";") if ":" in part)
+        return "".join(f' {name.strip()}="{_escape_attr(value.strip())}"' for name, value in pairs)
+
+    defaults = _STYLE_ELEMENT.search(svg)
+    svg = _STYLE_ATTRIBUTE.sub(lambda match: attributes(match.group(1)), _STYLE_ELEMENT.sub("", svg))
+    if defaults:
+        svg = svg.replace("<svg ", f"<svg{attributes(defaults.group(1))} ", 1)
+    return svg
 
 
 def _figure() -> Figure:

@@ -33,17 +33,23 @@ class StartedCycle:
     run_id: int
     process: subprocess.Popen
     log_path: Path
+    watcher: threading.Thread | None = None  # marks the run failed if the trainer dies; removes its settings file
 
 
 def _settings_file(settings: Settings, run_id: int) -> Path:
     """The trainer gets the server's settings (minus secrets) in a file: tests and
-    embedders build Settings in code, so the environment alone is not enough."""
+    embedders build Settings in code, so the environment alone is not enough.
+    The database URL may hold a password: the file is readable by this user
+    only, and the run's watcher deletes it when the trainer exits."""
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
     path = settings.runs_dir / f"run-{run_id}.settings.json"
     data = json.loads(settings.model_dump_json(exclude=SECRET_FIELDS))
     data["database_url"] = settings.resolved_database_url
     data["data_dir"] = str(settings.data_dir.resolve())
-    path.write_text(json.dumps(data, indent=2))
+    path.unlink(missing_ok=True)  # O_CREAT's mode applies only to a new file
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(json.dumps(data, indent=2))
     return path
 
 
@@ -55,24 +61,31 @@ def start_cycle(settings: Settings, db: Engine, trigger: str) -> StartedCycle:
     log_path = settings.runs_dir / f"run-{run_id}.log"
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "trainer", "run", "--run-id", str(run_id), "--settings", str(settings_path)],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=str(REPO_ROOT), env=env, start_new_session=True,
-        )
+    try:
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "trainer", "run", "--run-id", str(run_id), "--settings", str(settings_path)],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=str(REPO_ROOT), env=env, start_new_session=True,
+            )
+    except BaseException:
+        settings_path.unlink(missing_ok=True)
+        raise
     with session_scope(db) as session:
         row = session.get(TrainingRun, run_id)
         row.pid = process.pid
         session.add(row)
-    threading.Thread(
-        target=_watch_process, args=(db, run_id, process, log_path, settings.run_timeout_minutes),
+    watcher = threading.Thread(
+        target=_watch_process, args=(db, run_id, process, log_path, settings_path, settings.run_timeout_minutes),
         name=f"run-{run_id}-watch", daemon=True,
-    ).start()
-    return StartedCycle(run_id=run_id, process=process, log_path=log_path)
+    )
+    watcher.start()
+    return StartedCycle(run_id=run_id, process=process, log_path=log_path, watcher=watcher)
 
 
-def _watch_process(db: Engine, run_id: int, process: subprocess.Popen, log_path: Path, timeout_minutes: int) -> None:
+def _watch_process(
+    db: Engine, run_id: int, process: subprocess.Popen, log_path: Path, settings_path: Path, timeout_minutes: int
+) -> None:
     try:
         code = process.wait(timeout=timeout_minutes * 60)
     except subprocess.TimeoutExpired:
@@ -81,6 +94,7 @@ def _watch_process(db: Engine, run_id: int, process: subprocess.Popen, log_path:
         reason = f"killed after running longer than {timeout_minutes} minutes (TUNELOOP_RUN_TIMEOUT_MINUTES)"
     else:
         reason = f"the training process exited with code {code}"
+    settings_path.unlink(missing_ok=True)
     with session_scope(db) as session:
         run = session.get(TrainingRun, run_id)
         if run is not None and run.status in ("queued", "running"):

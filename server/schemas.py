@@ -18,6 +18,9 @@ from store.settings import Settings
 
 MAX_TAGS = 10
 MAX_TAG_CHARS = 40
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+MAX_CONTENT_PARTS = 32
 
 
 class FeedbackIn(BaseModel):
@@ -55,6 +58,13 @@ class ChatMessageIn(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str | list[ContentPart]
 
+    @field_validator("content")
+    @classmethod
+    def _bounded_parts(cls, content: str | list[ContentPart]) -> str | list[ContentPart]:
+        if isinstance(content, list) and len(content) > MAX_CONTENT_PARTS:
+            raise ValueError(f"at most {MAX_CONTENT_PARTS} content parts; join the text into fewer")
+        return content
+
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
@@ -84,9 +94,12 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
+    def _bounded_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
         return value
 
 

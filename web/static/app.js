@@ -37,6 +37,12 @@
     });
   });
 
+  // A turn posted in place empties the composer once the server took it.
+  document.addEventListener("htmx:afterRequest", function (evt) {
+    var form = evt.detail.elt;
+    if (evt.detail.successful && form.matches && form.matches("form.composer[hx-post]")) form.reset();
+  });
+
   // Keep the newest tokens in view while an answer streams in.
   document.addEventListener("htmx:sseMessage", function () {
     var thread = document.getElementById("thread");

@@ -19,9 +19,9 @@
       var body = JSON.parse(xhr.responseText);
       if (body && body.error && body.error.message) text = body.error.message;
     } catch (e) {
-      var div = document.createElement("div");
-      div.innerHTML = xhr.responseText;
-      if (div.textContent.trim()) text = div.textContent.trim();
+      // An HTML error fragment: read its text in an inert document (nothing in it loads or runs).
+      var doc = new DOMParser().parseFromString(xhr.responseText, "text/html");
+      if (doc.body.textContent.trim()) text = doc.body.textContent.trim();
     }
     showError(text);
   });
