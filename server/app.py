@@ -25,6 +25,9 @@ from server.middleware import BodySizeLimit, BrowserIdentity
 from server.rendering import STATIC_DIR, make_templates
 from server.routes import admin, comparisons, feedback, health, openai_api, pages
 from server.scheduler import RetrainScheduler
+from server.security_headers import SecurityHeaders
+from server.timeouts import BodyReadTimeout
+from server.upload_gate import AdminBeforeUpload
 from store.db import make_engine, session_scope, upgrade
 from store.presence import RENEW_S as PRESENCE_RENEW_S
 from store.run_lease import reap_stale_runs
@@ -84,7 +87,9 @@ def create_app(
                 await chat_engine.shutdown()
             db.dispose()
 
-    app = FastAPI(title="tuneloop", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="tuneloop", version="0.1.0", lifespan=lifespan, openapi_url="/openapi.json" if settings.api_docs else None
+    )
     app.state.settings = settings
     app.state.db = db
     app.state.engine = chat_engine
@@ -122,6 +127,9 @@ def create_app(
         larger={"/api/admin/import": (settings.max_import_bytes, "TUNELOOP_MAX_IMPORT_BYTES")},
     )
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(AdminBeforeUpload, settings=settings)
+    app.add_middleware(BodyReadTimeout, seconds=settings.body_timeout_seconds)
+    app.add_middleware(SecurityHeaders)
     return app
 
 

@@ -31,12 +31,20 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
     from server.app import create_app
+    from server.timeouts import KEEP_ALIVE_SECONDS, MAX_HEADER_BYTES
 
     host = args.host or settings.host
     port = args.port or settings.port
+    if problems := settings.unsafe_secrets(host):
+        raise CliError(
+            f"refusing to serve on {host}, which is not loopback: {'; '.join(problems)} (or serve on 127.0.0.1)"
+        )
     app = create_app(settings)
     print(f"tuneloop: serving http://{host}:{port} (engine {settings.engine}, model {settings.model})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5,
+        http="h11", h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> None:
@@ -193,6 +201,8 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
         if run.status not in ("queued", "running") and started.process.poll() is not None:
             break
         time.sleep(1)
+    if started.watcher:
+        started.watcher.join(timeout=30)  # it removes the run's settings file (with the database URL)
     print()
     print(_decision_text(run))
     if run.status == "failed":

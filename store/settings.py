@@ -6,6 +6,7 @@ a test fails when one is missing there.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -13,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
 DEVELOPMENT_ADMIN_TOKEN = "dev-admin-token"
+DEVELOPMENT_SECRET_KEY = "dev-secret-change-me"
+MIN_ADMIN_TOKEN_CHARS = 16
+MIN_SECRET_KEY_CHARS = 32
 
 
 class Settings(BaseSettings):
@@ -51,8 +55,9 @@ class Settings(BaseSettings):
         description="Bearer token for /api/admin/*. Must be changed outside development.",
     )
     secret_key: str = Field(
-        "dev-secret-change-me",
-        description="Key that signs browser identity cookies and CSRF tokens.",
+        DEVELOPMENT_SECRET_KEY,
+        description="Key that signs browser identity cookies and CSRF tokens. Must be changed outside "
+        "development and whenever the server listens beyond loopback.",
     )
     signup: str = Field(
         "approval", pattern="^(open|approval|closed)$",
@@ -76,6 +81,22 @@ class Settings(BaseSettings):
         "127.0.0.1,::1", description="Comma-separated addresses (or CIDR networks) of the reverse proxies whose "
         "TUNELOOP_TRUSTED_USER_HEADER and X-Forwarded-For are believed.",
     )
+    rate_limits: bool = Field(True, description="Apply the TUNELOOP_RATE_LIMIT_* limits (429 with Retry-After).")
+    rate_limit_chat: str = Field(
+        "20/minute", description="Chat turns, regenerations and OpenAI-API completions per identity."
+    )
+    rate_limit_compare: str = Field("10/minute", description="`POST /api/comparisons` calls per identity.")
+    rate_limit_feedback: str = Field("120/minute", description="Thumbs and A/B choices per identity.")
+    rate_limit_per_address: str = Field(
+        "600/minute", description="Limited requests (all of the above) per client address, whatever the identity."
+    )
+    rate_limit_storage: str = Field(
+        "memory://", description="Where limits are counted: `memory://` (this process) or a shared store such "
+        "as `redis://127.0.0.1:6379` so several servers count together.",
+    )
+    max_concurrent_generations: int = Field(
+        4, ge=0, description="Answers one identity may have generating at once (0: no cap)."
+    )
     retrain_cron: str = Field(
         "0 3 * * *", description="Crontab expression of the scheduled retraining (nightly)."
     )
@@ -90,6 +111,11 @@ class Settings(BaseSettings):
         200, description="Most messages (user and assistant) in one conversation."
     )
     max_request_bytes: int = Field(262_144, description="Largest accepted request body.")
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest wait for the next part of a request body; a client that stalls "
+        "longer gets 408 and its connection is closed."
+    )
+    api_docs: bool = Field(True, description="Serve the OpenAPI schema and its pages (/openapi.json, /docs, /redoc).")
     api_key_cache_seconds: float = Field(
         10.0, ge=0.0, description="How long a checked API key is trusted without asking the database again; "
         "a key revoked with the CLI or on another server stops working within this time (0: check every request)."
@@ -165,15 +191,29 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe_secrets_outside_development(self) -> Settings:
-        if self.env != "development":
-            if self.admin_token == DEVELOPMENT_ADMIN_TOKEN or len(self.admin_token) < 16:
-                raise ValueError(
-                    "TUNELOOP_ADMIN_TOKEN must be set to a secret of 16+ characters "
-                    "outside development"
-                )
-            if self.secret_key == "dev-secret-change-me":
-                raise ValueError("TUNELOOP_SECRET_KEY must be set outside development")
+        if self.env != "development" and (problems := self.secret_problems()):
+            raise ValueError(f"outside development, {'; '.join(problems)}")
         return self
+
+    def secret_problems(self) -> list[str]:
+        """What is wrong with the admin token and the cookie secret for a server
+        others can reach: each is left at its default or too short to resist guessing."""
+        problems = []
+        if self.admin_token == DEVELOPMENT_ADMIN_TOKEN or len(self.admin_token) < MIN_ADMIN_TOKEN_CHARS:
+            problems.append(f"TUNELOOP_ADMIN_TOKEN must be a secret of {MIN_ADMIN_TOKEN_CHARS}+ characters")
+        if self.secret_key == DEVELOPMENT_SECRET_KEY or len(self.secret_key) < MIN_SECRET_KEY_CHARS:
+            problems.append(f"TUNELOOP_SECRET_KEY must be a secret of {MIN_SECRET_KEY_CHARS}+ characters")
+        return problems
+
+    def unsafe_secrets(self, host: str) -> list[str]:
+        """``secret_problems()`` when a server bound to ``host`` is reachable from
+        other machines; none on loopback (127.0.0.0/8, ::1, localhost), where the
+        development defaults are fine.
+
+        >>> Settings().unsafe_secrets("0.0.0.0")[0]
+        'TUNELOOP_ADMIN_TOKEN must be a secret of 16+ characters'
+        """
+        return [] if _is_loopback(host) else self.secret_problems()
 
     @property
     def resolved_database_url(self) -> str:
@@ -188,3 +228,12 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.data_dir / "runs"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False

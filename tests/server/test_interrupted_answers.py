@@ -63,7 +63,7 @@ def test_only_answers_of_servers_that_stopped_announcing_are_recovered(database_
     assert content == ""
 
 
-def test_a_viewer_of_an_abandoned_answer_generates_it_itself(tmp_path, monkeypatch):
+async def test_a_viewer_of_an_abandoned_answer_generates_it_itself(tmp_path, monkeypatch):
     monkeypatch.setattr("server.answers.CLAIMER_CHECK_SECONDS", 0.1)
     settings = make_settings(tmp_path)
     settings.data_dir.mkdir(parents=True)
@@ -77,7 +77,7 @@ def test_a_viewer_of_an_abandoned_answer_generates_it_itself(tmp_path, monkeypat
         service = AnswerService(settings, engine, db, AdapterRegistry(engine, db))
         return [chunk.text async for chunk in service.stream(ids["orphan"])]
 
-    texts = asyncio.run(asyncio.wait_for(view(), timeout=20))
+    texts = await asyncio.wait_for(view(), timeout=20)
     with Session(db) as session:
         message = session.get(Message, ids["orphan"])
     db.dispose()
