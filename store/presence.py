@@ -43,6 +43,17 @@ def alive(session: Session, claim_id: str | None) -> bool:
     return bool(claim_id) and leases.current_holder(session, PREFIX + claim_id) == claim_id
 
 
+def live_claims(session: Session) -> set[str]:
+    """Claim ids of every server process announcing itself now (its presence
+    lease unexpired on the database clock): the live replicas."""
+    rows = session.exec(
+        select(Lease.name, Lease.holder).where(
+            col(Lease.name).startswith(PREFIX), col(Lease.expires_at) > db_now(session)
+        )
+    ).all()
+    return {holder for name, holder in rows if holder and name == PREFIX + holder}
+
+
 def recover_abandoned_answers(session: Session, message_ids: list[int] | None = None) -> int:
     """Answers ``streaming`` under a claim that is no longer alive go back to
     ``pending`` (all of them, or those in ``message_ids``); expired presence

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy import delete
 from sqlmodel import Session, col, func, select
 
 from store.errors import Conflict, InvalidInput, UnknownAdapterVersion, VersionNotServable
-from store.tables import AdapterVersion, PreferencePair, TrainingRun, TrainingRunPair, utcnow
+from store.tables import AdapterLoadFailure, AdapterVersion, PreferencePair, TrainingRun, TrainingRunPair, utcnow
 
 BASE = "base"
 
@@ -115,6 +116,8 @@ def activate(
         target.status = "active"
         target.activated_at = utcnow()
         session.add(target)
+        # a fresh activation is a fresh try for every replica (store.load_failures)
+        session.execute(delete(AdapterLoadFailure).where(col(AdapterLoadFailure.adapter_version_id) == target.id))
     session.flush()
     return target
 
@@ -148,7 +151,8 @@ def rollback_target(session: Session, current: AdapterVersion) -> AdapterVersion
 
 def mark_failed(session: Session, version: int, error: str) -> None:
     """A version the engine could not load: never serve it, and fall back to the
-    version that was active before it."""
+    version that was active before it. With several servers, it is called once
+    every live one has failed to load it (``store.load_failures``)."""
     row = get_version(session, version)
     was_active = row.status == "active"
     if was_active:

@@ -182,6 +182,24 @@ class AdapterVersion(SQLModel, table=True):
         return f"v{self.version}"
 
 
+class AdapterLoadFailure(SQLModel, table=True):
+    """A server process (a replica, named by its presence claim id) whose engine
+    could not load an adapter version. The version itself is marked ``failed``
+    only once every live replica has one of these (``store.load_failures``);
+    activating the version again clears them, for a fresh try."""
+
+    __tablename__ = "adapter_load_failures"
+    __table_args__ = (
+        UniqueConstraint("adapter_version_id", "replica", name="uq_adapter_load_failures_version_replica"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter_version_id: int = Field(foreign_key="adapter_versions.id", index=True)
+    replica: str = Field(max_length=200, description="claim id of the server process (host:pid:random)")
+    error: str = Field(sa_column=Column(Text, nullable=False))
+    failed_at: datetime = _timestamp()
+
+
 class TrainingRun(SQLModel, table=True):
     """One retraining cycle: pairs -> ORPO -> gate -> (maybe) promotion."""
 

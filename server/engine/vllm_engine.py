@@ -76,6 +76,7 @@ from server.engine.base import (
     SamplingSettings,
 )
 from store.adapter_files import AdapterFilesError, check_servable
+from store.exchange.pair_format import encode_prompt
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -358,7 +359,10 @@ class VllmChatEngine:
 
     def prompt_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` after the model's chat template, ending with
-        the assistant turn's opening (``add_generation_prompt``)."""
+        the assistant turn's opening (``add_generation_prompt``). Rendered by
+        ``store.exchange.pair_format.encode_prompt``, the trainer's own function:
+        text that looks like a control token stays text (a user cannot forge a
+        turn), and the model sees at serving the tokens it was trained on."""
         if self._tokenizer is None:
             raise EngineUnavailable("the model engine has not been started")
         # The context-length check and generate() both need them: remember the
@@ -367,8 +371,7 @@ class VllmChatEngine:
         cached = self._prompt_cache.get(key)
         if cached is not None:
             return list(cached)
-        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tuple(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = tuple(encode_prompt(self._tokenizer, messages))
         self._prompt_cache[key] = ids
         if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)

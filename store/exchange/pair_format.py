@@ -110,6 +110,14 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]], max_tokens: in
     return rendered
 
 
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], max_tokens: int | None = None) -> list[int]:
+    """The token ids of :func:`render_prompt` as the model reads them (no special
+    tokens added around it): what the serving engine generates from, and what
+    the trainer and the gate tokenise, so serving and training see the same
+    tokens for the same conversation."""
+    return list(tokenizer(render_prompt(tokenizer, messages, max_tokens), add_special_tokens=False)["input_ids"])
+
+
 def render_answer(tokenizer: Any, content: str, complete: bool = True) -> str:
     """An assistant answer as the model produces it: the text, then the end-of-turn
     token -- unless the answer was cut at its token limit (``complete=False``):

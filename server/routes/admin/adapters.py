@@ -1,7 +1,8 @@
 """Adapter versions: which one serves, activate any version (or ``base``, the
 base model), roll back, and the lineage of a version.
 
-JSON: ``GET /api/admin/adapters``, ``POST /api/admin/adapters/{version}/activate``,
+JSON: ``GET /api/admin/adapters``, ``GET /api/admin/adapters/{version}`` (with the
+servers that could not load it), ``POST /api/admin/adapters/{version}/activate``,
 ``POST /api/admin/adapters/rollback``, ``GET /api/admin/adapters/{version}/lineage``.
 Dashboard: the adapter table (evaluation, gate, actions) and the lineage page.
 
@@ -26,7 +27,7 @@ from server.deps import AdminDep, AdminPage, AdminRender, AdminSession, SessionD
 from server.errors import store_error_status
 from server.rendering import is_htmx
 from server.routes.admin.dashboard import api_router, pages_router
-from server.routes.admin.shapes import adapter_json, lineage_json
+from server.routes.admin.shapes import adapter_detail_json, adapter_json, lineage_json
 from store.errors import InvalidInput, StoreError, UnknownAdapterVersion
 from store.registry import activate, active_version, get_version, list_versions, parse_version, rollback, version_name
 
@@ -48,6 +49,14 @@ def _adapter_number(text: str) -> int:
 @api.get("/adapters")
 def adapters(_: AdminDep, session: SessionDep) -> list[dict[str, Any]]:
     return [adapter_json(r) for r in list_versions(session)]
+
+
+@api.get("/adapters/{version}")
+def adapter_detail(version: str, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+    """One version, with ``load_failures``: each server that could not load it
+    since it was last activated (it is marked failed only when every live
+    server has failed to load it)."""
+    return adapter_detail_json(session, get_version(session, _adapter_number(version)))
 
 
 @api.post("/adapters/{version}/activate")

@@ -1,6 +1,7 @@
-"""The JSON shapes of the admin API: a training run, an adapter version, and an
-adapter's lineage. Plain functions of store rows, shared by the JSON routes and
-the dashboard pages that show the same data."""
+"""The JSON shapes of the admin API: a training run, an adapter version (with
+the servers that could not load it), and an adapter's lineage. Plain
+functions of store rows, shared by the JSON routes and the dashboard pages
+that show the same data."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 from sqlmodel import Session
 
+from store.load_failures import load_failures
+from store.presence import live_claims
 from store.registry import lineage_pairs, version_name
 from store.tables import AdapterVersion, TrainingRun
 
@@ -32,12 +35,27 @@ def adapter_json(row: AdapterVersion) -> dict[str, Any]:
     }
 
 
+def adapter_detail_json(session: Session, row: AdapterVersion) -> dict[str, Any]:
+    """:func:`adapter_json` plus ``load_failures``: each server (replica) that
+    could not load the version since it was last activated, and whether that
+    server is live now. While any live server has no failure, the version stays
+    active there (``store.load_failures``)."""
+    live = live_claims(session)
+    return {
+        **adapter_json(row),
+        "load_failures": [
+            {"server": f.replica, "live": f.replica in live, "error": f.error, "failed_at": _iso(f.failed_at)}
+            for f in load_failures(session, row.version)
+        ],
+    }
+
+
 def lineage_json(session: Session, row: AdapterVersion) -> dict[str, Any]:
-    """The version, its parent, its run and evaluation, and the pairs it trained
-    on with the feedback rows they came from."""
+    """The version (with its load failures), its parent, its run and evaluation,
+    and the pairs it trained on with the feedback rows they came from."""
     run = session.get(TrainingRun, row.training_run_id) if row.training_run_id else None
     return {
-        "adapter": adapter_json(row),
+        "adapter": adapter_detail_json(session, row),
         "parent": _name(row.parent_version),
         "run": run_json(run) if run else None,
         "evaluation": row.metrics,
