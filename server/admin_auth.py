@@ -1,10 +1,12 @@
-"""The admin dashboard's sign-in: the admin token, once, buys a signed session
-cookie; writes made with that cookie need its CSRF token
-(``server.csrf.admin_session_token``).
+"""The admin dashboard's sign-in. Two ways in: an admin account signed in on
+the chat's sign-in page (its browser session, revocable per account; see
+:func:`admin_account`), or the admin token, which once buys a signed session
+cookie (for set-ups without accounts yet). Writes made with either cookie need
+the session's CSRF token (``server.csrf.admin_session_token``).
 
-Pure functions over the settings and the cookie value, so both the dashboard
-pages (``server.deps.admin_session``) and the JSON admin API
-(``server.deps.admin``) accept the same session.
+Functions over the settings and the cookie value, so the dashboard pages
+(``server.deps.admin_session``), the JSON admin API (``server.deps.admin``)
+and the upload gate accept the same sessions.
 
 The cookie holds a random session id and a fingerprint of the admin token
 (never the token), signed and time-stamped with ``TUNELOOP_SECRET_KEY``: it
@@ -19,8 +21,13 @@ import hmac
 import secrets
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
+from server.identity import BrowserSession
+from store import accounts
 from store.settings import Settings
+from store.tables import User
 
 ADMIN_COOKIE = "tuneloop_admin"
 SESSION_MAX_AGE_S = 12 * 3600
@@ -60,6 +67,19 @@ def session_id(settings: Settings, cookie: str | None, max_age_s: int = SESSION_
     if not hmac.compare_digest(str(data.get("fp", "")), _token_fingerprint(settings)):
         return None
     return data["sid"]
+
+
+def admin_account(db: Engine, browser: BrowserSession | None) -> str | None:
+    """The username of the admin account a browser session is signed in as: an
+    active admin whose sessions were not revoked. Reads the database: call it
+    from the thread pool."""
+    if browser is None or browser.uid is None:
+        return None
+    with Session(db) as session:
+        user = session.get(User, browser.uid)
+        if accounts.session_valid(user, browser.epoch) and user.kind == "account" and user.role == "admin":
+            return user.username
+    return None
 
 
 def cookie_header(settings: Settings, value: str) -> str:

@@ -5,6 +5,12 @@ never lost), then claimed and streamed by exactly one caller, which records
 the adapter that produced it and, at the end, its text, finish reason and token
 counts. A stream that is stopped or whose client goes away aborts the engine
 request and keeps the partial text as ``stopped``.
+
+Every generation holds one of its identity's generation slots
+(``TUNELOOP_MAX_CONCURRENT_GENERATIONS``) for as long as it really runs: the
+slot is taken before anything is claimed or stored (RateLimited, 429, if none
+is free) and given back when the job's task ends -- complete, failed, stopped,
+or cancelled because its listener went away.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ from server.adapters import AdapterRegistry
 from server.engine.base import AdapterRef, ChatEngine, EngineUnavailable, GenerationChunk, SamplingSettings
 from server.errors import ApiError
 from server.metrics import Metrics
+from server.rate_limit import GenerationSlots, SlotLease
 from store.conversations import chat_context, start_turn, thread
 from store.db import session_scope
 from store.errors import NotStored
-from store.presence import RENEW_S, announce, new_claim_id, recover_abandoned_answers, withdraw
+from store.presence import RENEW_S, announce, recover_abandoned_answers, withdraw
 from store.settings import Settings
 from store.tables import Conversation, Message, User, utcnow
 
@@ -46,14 +53,17 @@ _NOTHING = object()
 class AnswerService:
     def __init__(
         self, settings: Settings, engine: ChatEngine, db: Engine, adapters: AdapterRegistry,
-        metrics: Metrics | None = None,
+        metrics: Metrics | None = None, slots: GenerationSlots | None = None,
     ) -> None:
         self.settings = settings
+        self.slots = slots or GenerationSlots(0)
         self.engine = engine
         self.db = db
         self.adapters = adapters
         self.metrics = metrics
-        self.claim_id = new_claim_id()  # new at every boot: see store.presence
+        # New at every boot (see store.presence); the adapter registry records
+        # this process's load failures under the same id.
+        self.claim_id = adapters.replica
         self._running: dict[int, AnswerJob] = {}  # message id -> the job generating it here
 
     def announce(self) -> int:
@@ -155,15 +165,35 @@ class AnswerService:
                 log.warning("storing answer %d failed (%s); retrying in %.1f s", message_id, exc.orig, delay)
                 time.sleep(delay)
 
-    async def stream(self, message_id: int) -> AsyncIterator[GenerationChunk]:
-        """Generate the answer for pending message ``message_id``, yielding deltas.
+    async def start(self, message_id: int, lease: SlotLease | None = None) -> AnswerJob | None:
+        """Claim pending message ``message_id`` and start generating it in a task
+        of its own, which gives one slot of ``lease`` back when it ends. None if
+        another caller has claimed it (the slot is given back at once)."""
+        try:
+            claim = await asyncio.to_thread(self._claim, message_id)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        if claim is None:
+            if lease is not None:
+                lease.release()
+            return None
+        job = AnswerJob(self, *claim, lease=lease)
+        job.bind(message_id)
+        return job
+
+    async def stream(self, message_id: int, owner: int | None = None) -> AsyncIterator[GenerationChunk]:
+        """Generate the answer for pending message ``message_id``, yielding deltas;
+        the generation holds one of ``owner``'s generation slots.
 
         If another caller is already generating it, wait for that one and yield
-        the finished text as a single chunk. Raises EngineUnavailable (503).
+        the finished text as a single chunk. Raises EngineUnavailable (503), and
+        RateLimited when ``owner`` has no free slot.
         """
         while True:
-            claim = await asyncio.to_thread(self._claim, message_id)
-            if claim is not None:
+            job = await self.start(message_id, self.slots.take(owner) if owner is not None else None)
+            if job is not None:
                 break
             abandoned = False
             async for chunk in self._follow(message_id):
@@ -173,8 +203,6 @@ class AnswerService:
                 yield chunk
             if not abandoned:
                 return
-        job = AnswerJob(self, *claim)
-        job.bind(message_id)
         async for chunk in job.chunks():
             yield chunk
 
@@ -186,9 +214,15 @@ class AnswerService:
         are stored off the event loop -- the database write hides behind the
         prompt's prefill instead of adding to the time to the first token.
         If storing fails, the generations are aborted and the error raised
-        (nothing was accepted)."""
+        (nothing was accepted). Each answer holds one of ``user_id``'s
+        generation slots: RateLimited, before anything starts, if they are not free."""
         adapter = self.adapters.active
-        jobs = [AnswerJob(self, history, sampling, adapter) for sampling in samplings]
+        lease = self.slots.take(user_id, len(samplings))
+        try:
+            jobs = [AnswerJob(self, history, sampling, adapter, lease) for sampling in samplings]
+        except BaseException:
+            lease.close()
+            raise
         try:
             ids = await asyncio.to_thread(self._store_claimed, user_id, history, samplings, adapter)
         except BaseException:
@@ -251,10 +285,16 @@ class AnswerService:
         with session_scope(self.db) as session:
             return recover_abandoned_answers(session, [message_id]) > 0
 
-    async def complete(self, message_id: int) -> Message:
-        """Generate to the end (no streaming) and return the stored message."""
-        async for _ in self.stream(message_id):
-            pass
+    async def complete(self, message_id: int, lease: SlotLease | None = None) -> Message:
+        """Generate to the end (no streaming) and return the stored message; the
+        generation holds one slot of ``lease`` (given back at once if another
+        caller is generating it: this then waits for that one)."""
+        job = await self.start(message_id, lease)
+        if job is not None:
+            await job.wait()
+        else:
+            async for _ in self.stream(message_id):
+                pass
         return await asyncio.to_thread(self.stored, message_id)
 
     def stored(self, message_id: int) -> Message:
@@ -281,11 +321,13 @@ class AnswerJob:
     still completed and kept. A listener that goes away early cancels the job:
     the engine request is aborted and the partial text kept as ``stopped``
     (the same as the stop button). Chunks reach listeners through a queue.
+    One slot of ``lease`` is given back when the task ends, however it ends
+    (a done callback: it runs even for a task cancelled before it started).
     """
 
     def __init__(
         self, service: AnswerService, context: list[dict[str, str]], sampling: SamplingSettings,
-        adapter: AdapterRef | None,
+        adapter: AdapterRef | None, lease: SlotLease | None = None,
     ) -> None:
         self.service = service
         self.adapter = adapter
@@ -294,6 +336,8 @@ class AnswerJob:
         self._result: tuple[str, str, GenerationChunk | None] | None = None  # text, status, last chunk
         self._queue: asyncio.Queue[GenerationChunk | BaseException | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(context, sampling))
+        if lease is not None:
+            self._task.add_done_callback(lambda _task: lease.release())
 
     def bind(self, message_id: int) -> tuple[str, str, GenerationChunk | None] | None:
         """Tell the job which stored message it produces (it may start before).

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from server.adapter_watcher import watch_active_adapter
@@ -20,10 +21,13 @@ from server.api_key_cache import ApiKeyCache
 from server.engine.base import ChatEngine
 from server.engine.factory import build_engine
 from server.errors import install_error_handlers
+from server.login_throttle import LoginThrottle
 from server.metrics import Metrics, RequestMetrics
 from server.middleware import BodySizeLimit, BrowserIdentity
+from server.proxies import trusted_networks
+from server.rate_limit import GenerationSlots, RateLimiter
 from server.rendering import STATIC_DIR, make_templates
-from server.routes import admin, comparisons, feedback, health, openai_api, pages
+from server.routes import accounts, admin, comparisons, feedback, health, openai_api, pages
 from server.scheduler import RetrainScheduler
 from server.security_headers import SecurityHeaders
 from server.timeouts import BodyReadTimeout
@@ -32,7 +36,6 @@ from store.db import make_engine, session_scope, upgrade
 from store.presence import RENEW_S as PRESENCE_RENEW_S
 from store.run_lease import reap_stale_runs
 from store.settings import Settings
-from store.tables import User
 
 log = logging.getLogger("tuneloop.app")
 
@@ -58,8 +61,7 @@ def create_app(
             recovered = await asyncio.to_thread(answers.announce)
             if recovered:
                 log.info("%d answers abandoned by a stopped server will be regenerated", recovered)
-            with session_scope(db) as session:
-                reap_stale_runs(session)
+            await asyncio.to_thread(_reap_stale_runs, db)
             first_presence = PRESENCE_RENEW_S
         except OperationalError as exc:  # a locked or unreachable database must not stop the server starting
             log.warning("start-up bookkeeping postponed, the database is busy: %s", exc.orig)
@@ -99,38 +101,40 @@ def create_app(
         adapter_switches=lambda: adapters.switches,
     )
     app.state.metrics = metrics
-    app.state.answers = AnswerService(settings, chat_engine, db, adapters, metrics)
+    trusted_networks(settings)  # a bad TUNELOOP_TRUSTED_PROXIES fails here, not on the first request
+    app.state.rate_limiter = RateLimiter(settings)
+    app.state.generation_slots = GenerationSlots(settings.max_concurrent_generations)
+    app.state.answers = AnswerService(
+        settings, chat_engine, db, adapters, metrics, slots=app.state.generation_slots
+    )
     app.state.api_key_cache = ApiKeyCache(settings.api_key_cache_seconds)
     app.state.templates = make_templates()
+    app.state.login_throttle = LoginThrottle(settings.rate_limit_storage)
     app.state.started_at = time.time()
 
     install_error_handlers(app)
     for router in (
-        health.router, openai_api.router, feedback.router, comparisons.router, *admin.ROUTERS, pages.router
+        health.router, openai_api.router, feedback.router, comparisons.router, *admin.ROUTERS, accounts.router,
+        pages.router,
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    def create_browser_user() -> int:
-        with session_scope(db) as session:
-            user = User(kind="browser")
-            session.add(user)
-            session.flush()
-            return user.id  # type: ignore[return-value]
-
-    app.add_middleware(
-        BrowserIdentity, secret_key=settings.secret_key, create_user=create_browser_user,
-        secure=settings.env == "production",
-    )
+    app.add_middleware(BrowserIdentity, secret_key=settings.secret_key, secure=settings.env == "production")
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes,
         larger={"/api/admin/import": (settings.max_import_bytes, "TUNELOOP_MAX_IMPORT_BYTES")},
     )
     app.add_middleware(RequestMetrics, metrics=metrics)
-    app.add_middleware(AdminBeforeUpload, settings=settings)
+    app.add_middleware(AdminBeforeUpload, settings=settings, db=db)
     app.add_middleware(BodyReadTimeout, seconds=settings.body_timeout_seconds)
     app.add_middleware(SecurityHeaders)
     return app
+
+
+def _reap_stale_runs(db: Engine) -> None:
+    with session_scope(db) as session:
+        reap_stale_runs(session)
 
 
 async def _start_serving(

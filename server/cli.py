@@ -62,15 +62,19 @@ def _redacted(url: str) -> str:
 
 def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> None:
     from server.identity import create_api_key
+    from store.accounts import find_account
     from store.db import session_scope
+    from store.errors import StoreError
 
     with session_scope(_db(settings)) as session:
         try:
-            row, key = create_api_key(session, args.name)
-        except ValueError as exc:
+            account = find_account(session, args.user) if args.user else None
+            row, key = create_api_key(session, args.name, account)
+        except (ValueError, StoreError) as exc:
             raise CliError(str(exc)) from exc
         key_id = row.id
-    print(f"created key {key_id} for {args.name!r}. It is shown only once:")
+    owner = f" acting as account {args.user!r}" if args.user else ""
+    print(f"created key {key_id} for {args.name!r}{owner}. It is shown only once:")
     print(key)
 
 
@@ -419,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = key_commands.add_parser("create", help="create a key (printed once)")
     create.add_argument("name", help="who or what the key is for")
+    create.add_argument(
+        "--user", metavar="USERNAME",
+        help="the account the key acts as (its chats and feedback are the account's); "
+        "without, the key is an identity of its own (automation)",
+    )
     create.set_defaults(handler=cmd_keys_create)
     key_commands.add_parser("list", help="list keys (never the keys themselves)").set_defaults(
         handler=cmd_keys_list

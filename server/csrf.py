@@ -9,7 +9,7 @@ keys, the admin token) need none: no browser sends them by itself.
 
 A token is the hex HMAC-SHA256, under ``TUNELOOP_SECRET_KEY``, of its identity::
 
-    browser user 7:      hmac(secret, "csrf:7")
+    browser session <sid>: hmac(secret, "csrf:<sid>")
     admin session <sid>: hmac(secret, "admin-csrf:<sid>")
 """
 
@@ -31,9 +31,10 @@ def _sign(secret_key: str, subject: str) -> str:
     return hmac.new(secret_key.encode(), subject.encode(), hashlib.sha256).hexdigest()
 
 
-def browser_token(secret_key: str, user_id: int) -> str:
-    """The token of one browser user; chat pages put it in forms and in htmx headers."""
-    return _sign(secret_key, f"csrf:{user_id}")
+def browser_token(secret_key: str, sid: str) -> str:
+    """The token of one browser session (``server.identity.BrowserSession.sid``:
+    it exists before any identity does); chat pages put it in forms and in htmx headers."""
+    return _sign(secret_key, f"csrf:{sid}")
 
 
 def admin_session_token(secret_key: str, sid: str) -> str:
@@ -59,10 +60,10 @@ async def token_from_request(request: Request) -> str | None:
     return None
 
 
-async def check_browser_write(request: Request, secret_key: str, user_id: int) -> None:
-    """Raise 403 when ``request`` is a write without the browser user's token."""
+async def check_browser_write(request: Request, secret_key: str, sid: str) -> None:
+    """Raise 403 when ``request`` is a write without the browser session's token."""
     if request.method not in SAFE_METHODS and not token_matches(
-        browser_token(secret_key, user_id), await token_from_request(request)
+        browser_token(secret_key, sid), await token_from_request(request)
     ):
         raise ApiError(403, "missing or wrong CSRF token; reload the page and try again")
 

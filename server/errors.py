@@ -14,16 +14,18 @@ import traceback
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pydantic
 import sqlalchemy
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.base import EngineUnavailable
+from server.rate_limit import RateLimited
 from store import errors as store_errors
 
 log = logging.getLogger("tuneloop.errors")
@@ -74,6 +76,14 @@ class ApiError(Exception):
         self.param = param
 
 
+class SignInRequired(ApiError):
+    """Only signed-in users may do this: a page view is sent to the sign-in
+    page (and back afterwards), anything else gets 401."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(401, message)
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     return {
         "error": {
@@ -92,8 +102,11 @@ def _wants_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "") or "HX-Request" in request.headers
 
 
-def error_response(request: Request, status: int, message: str, param: str | None = None):
-    headers = {"Retry-After": "10"} if status == 503 else None
+def error_response(
+    request: Request, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+):
+    if status == 503:
+        headers = {"Retry-After": "10", **(headers or {})}
     if _wants_html(request):
         fragment = f'<div class="error" role="alert"><strong>Error {status}:</strong> {escape(message)}</div>'
         # htmx does not swap 4xx/5xx by default; the page's script shows it in the error bar.
@@ -145,6 +158,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: ApiError):
         return error_response(request, exc.status, exc.message, exc.param)
 
+    @app.exception_handler(SignInRequired)
+    async def _sign_in_required(request: Request, exc: SignInRequired):
+        page_view = request.method == "GET" and not request.url.path.startswith(("/api/", "/v1/"))
+        if page_view and "HX-Request" not in request.headers:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+        return error_response(request, exc.status, exc.message, exc.param)
+
     @app.exception_handler(store_errors.StoreError)
     async def _store_error(request: Request, exc: store_errors.StoreError):
         return error_response(request, store_error_status(exc), exc.message, exc.field)
@@ -183,6 +204,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if not _driver_overflow(exc):
             raise exc  # a bug, not a request: the 500 handler logs it
         return _out_of_range(request, str(exc))
+
+    @app.exception_handler(RateLimited)
+    async def _rate_limited(request: Request, exc: RateLimited):
+        return error_response(request, 429, exc.message, headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(EngineUnavailable)
     async def _engine_unavailable(request: Request, exc: EngineUnavailable):

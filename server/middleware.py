@@ -7,12 +7,11 @@ untouched and a client that goes away is still noticed by the route.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_body
-from server.identity import COOKIE_NAME, read_user_cookie, sign_user_cookie
+from server.identity import COOKIE_NAME, BrowserSession, cookie_header, read_browser_session, sign_browser_session
 
 _PAGE_EXCLUDED = ("/api/", "/v1/", "/healthz", "/static/", "/metrics", "/favicon")
 
@@ -83,40 +82,36 @@ class BodySizeLimit:
 
 
 class BrowserIdentity:
-    """Give every browser that views a page a user row and a signed cookie.
+    """Read the browser session cookie into ``scope["state"]["browser"]`` (a
+    ``server.identity.BrowserSession``), and write the cookie back when a
+    handler put a new session in ``scope["state"]["new_browser"]`` (sign-in,
+    sign-out, the first write of an anonymous visitor).
 
-    The user id lands in ``scope["state"]["browser_user_id"]``; API paths never
-    get a cookie minted (they authenticate with keys).
+    No database here: a page view without a cookie gets a fresh session id
+    (for its CSRF token), nothing more. API paths never get one minted (they
+    authenticate with keys) but do read an existing cookie.
     """
 
-    def __init__(
-        self, app: ASGIApp, secret_key: str, create_user: Callable[[], int], secure: bool
-    ) -> None:
+    def __init__(self, app: ASGIApp, secret_key: str, secure: bool) -> None:
         self.app = app
         self.secret_key = secret_key
-        self.create_user = create_user
         self.secure = secure
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        uid = read_user_cookie(self.secret_key, _cookie(scope, COOKIE_NAME))
-        new_cookie = None
-        path = scope.get("path", "")
-        if uid is None and not path.startswith(_PAGE_EXCLUDED):
-            uid = self.create_user()
-            new_cookie = sign_user_cookie(self.secret_key, uid)
-        scope.setdefault("state", {})["browser_user_id"] = uid
+        state = scope.setdefault("state", {})
+        browser = read_browser_session(self.secret_key, _cookie(scope, COOKIE_NAME))
+        if browser is None and not scope.get("path", "").startswith(_PAGE_EXCLUDED):
+            browser = state["new_browser"] = BrowserSession.new()
+        state["browser"] = browser
 
         async def send_with_cookie(message: Message) -> None:
-            if new_cookie and message["type"] == "http.response.start":
-                attrs = f"{COOKIE_NAME}={new_cookie}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax"
-                if self.secure:
-                    attrs += "; Secure"
-                message["headers"] = list(message.get("headers", [])) + [
-                    (b"set-cookie", attrs.encode())
-                ]
+            new = state.get("new_browser")
+            if new is not None and message["type"] == "http.response.start":
+                header = cookie_header(sign_browser_session(self.secret_key, new), self.secure)
+                message["headers"] = list(message.get("headers", [])) + [(b"set-cookie", header.encode())]
             await send(message)
 
         await self.app(scope, receive, send_with_cookie)

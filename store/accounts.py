@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from store.errors import Conflict, InvalidInput, NotAllowed, NotFound
@@ -180,6 +181,34 @@ def _active_admins(session: Session) -> int:
 
 def list_accounts(session: Session) -> Sequence[User]:
     return session.exec(select(User).where(User.kind == "account").order_by(col(User.id))).all()
+
+
+PROXY_USERNAME = re.compile(r"^[^\s\x00-\x1f]{1,64}$")
+
+
+def proxy_account(session: Session, username: str) -> User:
+    """The account a trusted reverse proxy's user header names (single sign-on):
+    the proxy has authenticated the person, so an account seen for the first
+    time is created active with role ``user`` and no password (admins promote
+    it). E-mail addresses are accepted as names. NotAllowed for a pending or
+    disabled account, InvalidInput for a name no account can have."""
+    username = username.strip()
+    if not PROXY_USERNAME.match(username):
+        raise InvalidInput("the single sign-on user name is empty, too long (64) or has spaces", "username")
+    user = account_by_name(session, username)
+    if user is None:
+        try:
+            with session.begin_nested():  # two first requests at once: the second finds the first's row
+                user = User(kind="account", name=username, username=username, role="user", status="active")
+                session.add(user)
+        except IntegrityError:
+            user = account_by_name(session, username)
+            assert user is not None
+    if user.status == "pending":
+        raise NotAllowed("your account is waiting for an administrator's approval")
+    if user.status == "disabled":
+        raise NotAllowed("this account is disabled; ask an administrator")
+    return user
 
 
 def new_anonymous_identity(session: Session) -> User:

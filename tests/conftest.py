@@ -32,6 +32,10 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
         "ab_rate": 0.0,
         "default_max_tokens": 8,
         "scheduler": False,
+        # Tests send many requests per identity, some at once: the limits are off
+        # here and switched on by the tests about them (tests/server/test_rate_limits.py).
+        "rate_limits": False,
+        "max_concurrent_generations": 0,
         "model": os.environ.get("TUNELOOP_MODEL", str(REPO / "models/smollm2-135m-instruct")),
     }
     values.update(overrides)

@@ -6,14 +6,26 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter
+from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
 
-from server.deps import AnswersDep, CurrentUser, EngineDep, MetricsDep, SessionDep, SettingsDep
+from server.deps import (
+    AnswersDep,
+    CurrentUser,
+    EngineDep,
+    GenerationSlotsDep,
+    MetricsDep,
+    SessionDep,
+    SettingsDep,
+    rate_limited,
+)
 from server.engine.base import SamplingSettings
 from server.errors import ApiError
 from server.schemas import ChoiceIn, ComparisonIn, validate_chat
 from store.conversations import start_turn
 from store.db import session_scope
 from store.feedback import record_choice
+from store.settings import Settings
 from store.tables import Message, User
 
 router = APIRouter(prefix="/api", tags=["comparisons"])
@@ -28,9 +40,22 @@ def _answer_json(message: Message) -> dict:
     }
 
 
-@router.post("/comparisons")
+def _store_comparison(
+    db: Engine, settings: Settings, user_id: int, history: list[dict[str, str]], samplings: list[dict]
+) -> tuple[int, int, int]:
+    """Store the context and its two pending answers; the ids of the comparison, A and B."""
+    with session_scope(db) as session:
+        turn = start_turn(
+            session, session.get(User, user_id), None, history, samplings,
+            max_turns=settings.max_turns, source="api", compare=True,
+        )
+        return turn.comparison.id, turn.answers[0].id, turn.answers[1].id
+
+
+@router.post("/comparisons", dependencies=[rate_limited("compare")])
 async def create_comparison(
-    body: ComparisonIn, user: CurrentUser, settings: SettingsDep, answers: AnswersDep, engine: EngineDep
+    body: ComparisonIn, user: CurrentUser, settings: SettingsDep, answers: AnswersDep, engine: EngineDep,
+    slots: GenerationSlotsDep,
 ) -> dict:
     history = validate_chat(body.messages, settings, answers=2)
     max_tokens = body.max_tokens or settings.default_max_tokens
@@ -44,17 +69,20 @@ async def create_comparison(
         SamplingSettings(temperature=body.temperature, max_tokens=max_tokens, seed=seed + i).to_json()
         for i in range(2)
     ]
-    with session_scope(answers.db) as session:
-        turn = start_turn(
-            session, session.get(User, user.id), None, history, samplings,
-            max_turns=settings.max_turns, source="api", compare=True,
-        )
-        ids = (turn.comparison.id, turn.answers[0].id, turn.answers[1].id)
-    done_a, done_b = await asyncio.gather(answers.complete(ids[1]), answers.complete(ids[2]))
+    lease = slots.take(user.id, 2)  # both answers generate at once: 429 before anything is stored
+    try:
+        ids = await run_in_threadpool(_store_comparison, answers.db, settings, user.id, history, samplings)
+    except BaseException:
+        lease.close()
+        raise
+    try:
+        done_a, done_b = await asyncio.gather(answers.complete(ids[1], lease), answers.complete(ids[2], lease))
+    finally:
+        lease.close()  # normally a no-op (each answer gave its slot back); never leaks on a failure
     return {"id": ids[0], "a": _answer_json(done_a), "b": _answer_json(done_b)}
 
 
-@router.post("/comparisons/{comparison_id}/choice")
+@router.post("/comparisons/{comparison_id}/choice", dependencies=[rate_limited("feedback")])
 def choose(
     comparison_id: int, body: ChoiceIn, user: CurrentUser, session: SessionDep, settings: SettingsDep,
     metrics: MetricsDep,

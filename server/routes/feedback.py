@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlmodel import select
 
-from server.deps import CurrentUser, MetricsDep, SessionDep, SettingsDep
+from server.deps import CurrentUser, MetricsDep, SessionDep, SettingsDep, rate_limited
 from server.schemas import FeedbackIn
 from store.conversations import owned_message
 from store.feedback import record_feedback
@@ -49,7 +49,7 @@ def get_message(message_id: int, user: CurrentUser, session: SessionDep) -> dict
     return message_json(message, feedback)
 
 
-@router.post("/messages/{message_id}/feedback")
+@router.post("/messages/{message_id}/feedback", dependencies=[rate_limited("feedback")])
 def post_feedback(
     message_id: int, body: FeedbackIn, user: CurrentUser, session: SessionDep, settings: SettingsDep,
     metrics: MetricsDep,

@@ -18,7 +18,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.answers import AnswerJob
-from server.deps import AdaptersDep, AnswersDep, CurrentUser, EngineDep, SettingsDep, StartedAtDep
+from server.deps import AdaptersDep, AnswersDep, CurrentUser, EngineDep, SettingsDep, StartedAtDep, rate_limited
 from server.engine.base import ChatEngine, GenerationChunk, SamplingSettings
 from server.errors import ApiError, error_body
 from server.schemas import ChatCompletionRequest, validate_chat
@@ -81,7 +81,7 @@ async def list_models(
     }
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", dependencies=[rate_limited("chat")])
 async def chat_completions(
     body: ChatCompletionRequest, user: CurrentUser, settings: SettingsDep, answers: AnswersDep,
     engine: EngineDep,

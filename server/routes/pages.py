@@ -9,6 +9,7 @@ streams in over SSE. Full pages extend ``base.html``; the fragments
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from html import escape
 from typing import Annotated
 
@@ -17,25 +18,31 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
 
 from server.answers import AnswerService
 from server.csrf import browser_token
 from server.deps import (
     AnswersDep,
+    BrowserSessionDep,
     BrowserUser,
     DbDep,
+    GenerationSlotsDep,
     MetricsDep,
     PageRender,
     SessionDep,
     SettingsDep,
     TemplatesDep,
+    rate_limited,
 )
 from server.engine.base import EngineUnavailable
 from server.errors import ApiError
+from server.rate_limit import GenerationSlots, RateLimited
 from server.rendering import is_htmx
 from server.schemas import FeedbackIn
 from store.conversations import (
     add_message,
+    chat_context,
     check_turn_limit,
     feedback_by_message,
     list_conversations,
@@ -150,7 +157,10 @@ def _add_turn(
     answers: AnswerService,
 ) -> tuple[Conversation, dict]:
     """Store the user's message and one answer, or two as an A/B turn (a new
-    conversation when ``conversation`` is None)."""
+    conversation when ``conversation`` is None). Refused (400, nothing stored)
+    when the conversation and the answer cannot fit the model's context."""
+    history = chat_context(thread(session, conversation)) if conversation is not None else []
+    answers.check_context_fits([*history, {"role": "user", "content": text}], settings.default_max_tokens)
     ab = random.random() < settings.ab_rate
     turn = start_turn(
         session, user, conversation, [{"role": "user", "content": text}],
@@ -166,40 +176,53 @@ def _add_turn(
     return conversation, {"question": turn.question, "answer": answer}
 
 
-async def _finish_without_js(answers: AnswerService, session: Session, conversation: Conversation) -> None:
-    """No JavaScript, no SSE: produce the pending answers before redirecting."""
-    pending = session.exec(
+def _pending_answers(session: Session, conversation: Conversation) -> list[int]:
+    return list(session.exec(
         select(Message.id).where(Message.conversation_id == conversation.id, Message.status == "pending")
-    ).all()
-    for message_id in pending:
-        await answers.complete(message_id)
+    ).all())
 
 
-@router.post("/c")
+async def _finish_without_js(
+    answers: AnswerService, slots: GenerationSlots, session: Session, user: User, conversation: Conversation
+) -> None:
+    """No JavaScript, no SSE: produce the pending answers before redirecting
+    (one after the other, each holding one of the user's generation slots)."""
+    for message_id in await run_in_threadpool(_pending_answers, session, conversation):
+        await answers.complete(message_id, slots.take(user.id))
+
+
+# The chat handlers are async because they may generate (no-JS answers); every
+# database call in them runs in the thread pool, never on the event loop.
+
+
+@router.post("/c", dependencies=[rate_limited("chat", page=True)])
 async def new_conversation(
     request: Request, user: BrowserUser, session: SessionDep, settings: SettingsDep,
-    answers: AnswersDep, content: ContentForm,
+    answers: AnswersDep, slots: GenerationSlotsDep, content: ContentForm,
 ) -> Response:
     text = _check_text(content, settings.max_message_chars)
-    conversation, _ = _add_turn(session, settings, user, None, text, answers)
+    slots.check(user.id)  # all the user's slots busy: 429 before anything is stored
+    conversation, _ = await run_in_threadpool(_add_turn, session, settings, user, None, text, answers)
     url = f"/c/{conversation.id}"
     if is_htmx(request):
         return Response(status_code=204, headers={"HX-Location": url})
-    await _finish_without_js(answers, session, conversation)
+    await _finish_without_js(answers, slots, session, user, conversation)
     return RedirectResponse(url, status_code=303)
 
 
-@router.post("/c/{conversation_id}/messages")
+@router.post("/c/{conversation_id}/messages", dependencies=[rate_limited("chat", page=True)])
 async def post_message(
     conversation_id: int, request: Request, user: BrowserUser, session: SessionDep,
-    settings: SettingsDep, answers: AnswersDep, render: PageRender, content: ContentForm,
+    settings: SettingsDep, answers: AnswersDep, slots: GenerationSlotsDep, render: PageRender,
+    content: ContentForm,
 ) -> Response:
-    conversation = owned_conversation(session, user, conversation_id)
+    conversation = await run_in_threadpool(owned_conversation, session, user, conversation_id)
     text = _check_text(content, settings.max_message_chars)
-    conversation, turn = _add_turn(session, settings, user, conversation, text, answers)
+    slots.check(user.id)
+    conversation, turn = await run_in_threadpool(_add_turn, session, settings, user, conversation, text, answers)
     if is_htmx(request):
-        return render("_turn.html", {"user": user, "conversation": conversation, **turn})
-    await _finish_without_js(answers, session, conversation)
+        return await run_in_threadpool(render, "_turn.html", {"user": user, "conversation": conversation, **turn})
+    await _finish_without_js(answers, slots, session, user, conversation)
     return RedirectResponse(f"/c/{conversation.id}", status_code=303)
 
 
@@ -214,19 +237,25 @@ def _sse(event: str, data: str) -> str:
 @router.get("/answers/{message_id}/stream")
 async def stream_answer(
     message_id: int, user: BrowserUser, session: SessionDep, answers: AnswersDep,
-    settings: SettingsDep, db: DbDep, templates: TemplatesDep,
+    settings: SettingsDep, db: DbDep, templates: TemplatesDep, browser: BrowserSessionDep,
+    slots: GenerationSlotsDep,
 ) -> StreamingResponse:
-    owned_message(session, user, message_id)
-    session.close()  # the stream may last minutes: don't hold a connection
+    await run_in_threadpool(_check_owned_then_close, session, user, message_id)
+    # The generation starts here, before the response: with all the user's slots
+    # busy the stream is refused with 429 (htmx's SSE extension retries later),
+    # and an answer whose client never reads the stream still completes.
+    job = await answers.start(message_id, slots.take(user.id))
 
     async def events():
+        chunks = job.chunks() if job is not None else answers.stream(message_id, owner=user.id)
         try:
-            async for chunk in answers.stream(message_id):
+            async for chunk in chunks:
                 if chunk.text:
                     yield _sse("token", escape(chunk.text))
-        except (EngineUnavailable, ValueError) as exc:
+        except (EngineUnavailable, ValueError, RateLimited) as exc:
             yield _sse("token", f'<span class="inline-error">The model could not answer: {escape(str(exc))}</span>')
-        yield _sse("done", _final_fragment(db, templates, settings, user, message_id))
+        token = browser_token(settings.secret_key, browser.sid)
+        yield _sse("done", await run_in_threadpool(_final_fragment, db, templates, token, user, message_id))
 
     return StreamingResponse(
         events(), media_type="text/event-stream",
@@ -234,7 +263,12 @@ async def stream_answer(
     )
 
 
-def _final_fragment(db: Engine, templates: Jinja2Templates, settings: Settings, user: User, message_id: int) -> str:
+def _check_owned_then_close(session: Session, user: User, message_id: int) -> None:
+    owned_message(session, user, message_id)
+    session.close()  # the stream may last minutes: don't hold a connection
+
+
+def _final_fragment(db: Engine, templates: Jinja2Templates, csrf_token: str, user: User, message_id: int) -> str:
     """The answer's fragment once its stream ends (the stream's own session was
     closed at its start, so this opens one)."""
     with Session(db) as session:
@@ -243,22 +277,21 @@ def _final_fragment(db: Engine, templates: Jinja2Templates, settings: Settings, 
         view = message_view(session, user, message, conversation)
         in_comparison = _in_open_comparison(session, message) is not None
         return templates.get_template("_message.html").render(
-            {**view, "in_comparison": in_comparison, "csrf": browser_token(settings.secret_key, user.id)}
+            {**view, "in_comparison": in_comparison, "csrf": csrf_token}
         )
 
 
 @router.post("/answers/{message_id}/stop")
 async def stop_answer(message_id: int, user: BrowserUser, session: SessionDep, answers: AnswersDep) -> Response:
-    message, conversation = owned_message(session, user, message_id)
+    await run_in_threadpool(owned_message, session, user, message_id)
     await answers.stop(message_id)
     return Response(status_code=204)
 
 
-@router.post("/answers/{message_id}/regenerate")
-async def regenerate(
-    message_id: int, request: Request, user: BrowserUser, session: SessionDep,
-    settings: SettingsDep, answers: AnswersDep, render: PageRender,
-) -> Response:
+def _add_regeneration(
+    session: Session, settings: Settings, user: User, message_id: int, answers: AnswerService
+) -> tuple[Message, Conversation]:
+    """Store a pending sibling of answer ``message_id`` and make it the leaf."""
     message, conversation = owned_message(session, user, message_id)
     if message.role != "assistant":
         raise ApiError(400, "only answers can be regenerated")
@@ -269,10 +302,26 @@ async def regenerate(
     )
     set_leaf(session, conversation, sibling)
     session.commit()
+    return sibling, conversation
+
+
+def _message_fragment(
+    session: Session, user: User, message: Message, conversation: Conversation, render: Callable[..., HTMLResponse]
+) -> HTMLResponse:
+    view = message_view(session, user, message, conversation)
+    return render("_message.html", {"user": user, **view})
+
+
+@router.post("/answers/{message_id}/regenerate", dependencies=[rate_limited("chat", page=True)])
+async def regenerate(
+    message_id: int, request: Request, user: BrowserUser, session: SessionDep,
+    settings: SettingsDep, answers: AnswersDep, slots: GenerationSlotsDep, render: PageRender,
+) -> Response:
+    slots.check(user.id)
+    sibling, conversation = await run_in_threadpool(_add_regeneration, session, settings, user, message_id, answers)
     if is_htmx(request):
-        view = message_view(session, user, sibling, conversation)
-        return render("_message.html", {"user": user, **view})
-    await answers.complete(sibling.id)
+        return await run_in_threadpool(_message_fragment, session, user, sibling, conversation, render)
+    await answers.complete(sibling.id, slots.take(user.id))
     return RedirectResponse(f"/c/{conversation.id}", status_code=303)
 
 
@@ -293,7 +342,7 @@ def select_branch(message_id: int, user: BrowserUser, session: SessionDep) -> Re
     return RedirectResponse(f"/c/{conversation.id}", status_code=303)
 
 
-@router.post("/answers/{message_id}/feedback")
+@router.post("/answers/{message_id}/feedback", dependencies=[rate_limited("feedback", page=True)])
 def rate_answer(
     message_id: int, request: Request, user: BrowserUser, session: SessionDep,
     settings: SettingsDep, metrics: MetricsDep, render: PageRender,
@@ -316,7 +365,7 @@ def rate_answer(
     return RedirectResponse(f"/c/{conversation.id}", status_code=303)
 
 
-@router.post("/comparisons/{comparison_id}/choice")
+@router.post("/comparisons/{comparison_id}/choice", dependencies=[rate_limited("feedback", page=True)])
 def choose(
     comparison_id: int, request: Request, user: BrowserUser, session: SessionDep, settings: SettingsDep,
     metrics: MetricsDep, render: PageRender, winner: Annotated[str, Form()],

@@ -104,7 +104,7 @@ def test_oversized_body_and_bad_json_and_missing_key(app, client):
     anonymous = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert anonymous.status_code == 401
     wrong = client.get("/v1/models", headers={"Authorization": "Bearer tl-nope"})
-    assert wrong.status_code == 401 and "unknown or revoked" in wrong.json()["error"]["message"]
+    assert wrong.status_code == 401 and "unknown, revoked" in wrong.json()["error"]["message"]
     assert client.get("/api/messages/999999", headers=headers).status_code == 404
     assert client.get("/api/messages/not-a-number", headers=headers).status_code == 422
 

@@ -6,7 +6,8 @@ API (``/api/admin/...``) and its dashboard pages (``/admin/...``) side by side:
 - ``datasets``: export and import of pair files;
 - ``runs``: retraining cycles and their runs;
 - ``adapters``: adapter versions, activation, rollback, lineage;
-- ``keys``: API keys.
+- ``keys``: API keys;
+- ``users``: accounts, the busiest identities, exclusion from training.
 
 ``shapes`` holds the JSON shapes they share; ``dashboard`` the routers and the
 sign-in redirect every page route uses.
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.routes.admin import adapters, datasets, feedback, keys, runs, session
+from server.routes.admin import adapters, datasets, feedback, keys, runs, session, users
 
 ROUTERS: tuple[APIRouter, ...] = (
-    runs.api, adapters.api, datasets.api,
-    session.pages, feedback.pages, runs.pages, adapters.pages, keys.pages,
+    runs.api, adapters.api, datasets.api, users.api,
+    session.pages, feedback.pages, runs.pages, adapters.pages, keys.pages, users.pages,
 )

@@ -20,14 +20,18 @@ from server.errors import ApiError
 from server.identity import create_api_key, revoke_api_key
 from server.rendering import is_htmx
 from server.routes.admin.dashboard import pages_router
-from store.tables import ApiKey
+from store import accounts
+from store.errors import StoreError
+from store.tables import ApiKey, User
 
 pages = pages_router()
 
 
 def _keys_context(session: Session, notice: dict | None = None, new_key: str | None = None) -> dict:
     keys = session.exec(select(ApiKey).order_by(col(ApiKey.id).desc())).all()
-    return {"nav": "keys", "keys": keys, "notice": notice, "new_key": new_key}
+    owners = {k.id: session.get(User, k.user_id) for k in keys}
+    acts_as = {k.id: owners[k.id].username if owners[k.id] and owners[k.id].kind == "account" else None for k in keys}
+    return {"nav": "keys", "keys": keys, "acts_as": acts_as, "notice": notice, "new_key": new_key}
 
 
 def _keys_answer(
@@ -48,12 +52,20 @@ def keys_page(admin: AdminPage, session: SessionDep, render: AdminRender, revoke
 def create_key(
     request: Request, admin: AdminPage, session: SessionDep, render: AdminRender,
     name: Annotated[str, Form(max_length=200)] = "",
+    account: Annotated[str, Form(max_length=200)] = "",
 ) -> Response:
-    """Create a key and show it once (never stored, only its SHA-256)."""
+    """Create a key and show it once (never stored, only its SHA-256); with an
+    account's username, the key acts as that account."""
     if not name.strip():
         notice = {"kind": "error", "text": "Give the key a name (who or what will use it), then create it."}
         return _keys_answer(request, render, admin, session, status=400, notice=notice)
-    row, key = create_api_key(session, name)
+    owner = None
+    if account.strip():
+        try:
+            owner = accounts.find_account(session, account.strip())
+        except StoreError as exc:
+            return _keys_answer(request, render, admin, session, status=400, notice={"kind": "error", "text": str(exc)})
+    row, key = create_api_key(session, name, owner)
     session.commit()
     notice = {"kind": "ok", "text": f"Key “{row.name}” created. Copy it now: it is shown only this once."}
     return _keys_answer(request, render, admin, session, status=201, notice=notice, new_key=key)
