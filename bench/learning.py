@@ -186,27 +186,39 @@ class Users:
         self.base_url = base_url
         self.keys = keys
         self.http = httpx.Client(base_url=base_url, timeout=900)
+        self.refused_429 = 0
+
+    def post(self, path: str, headers: dict[str, str], body: dict):
+        """POST as a well-behaved client: a 429 (rate limit, or too many answers
+        generating at once for this user) is waited out as its Retry-After says."""
+        for _ in range(30):
+            resp = self.http.post(path, headers=headers, json=body)
+            if resp.status_code != 429:
+                return resp
+            self.refused_429 += 1
+            time.sleep(float(resp.headers.get("retry-after", "2")))
+        return resp
 
     def headers(self, i: int) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[i % len(self.keys)]}"}
 
     def ab_turn(self, i: int, prompt: str, seed: int) -> dict:
         h = self.headers(i)
-        made = self.http.post("/api/comparisons", headers=h, json={
+        made = self.post("/api/comparisons", h, {
             "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,
             "temperature": 1.0, "seed": seed,
         })
         made.raise_for_status()
         body = made.json()
         winner = choose(body["a"], body["b"])
-        chosen = self.http.post(f"/api/comparisons/{body['id']}/choice", headers=h, json={"winner": winner})
+        chosen = self.post(f"/api/comparisons/{body['id']}/choice", h, {"winner": winner})
         chosen.raise_for_status()
         return {"kind": "ab", "winner": winner, "adapter": body["a"]["adapter"],
                 "answers": [(body[s]["content"], body[s]["finish_reason"]) for s in ("a", "b")]}
 
     def thumbs_turn(self, i: int, prompt: str, n: int, seed: int) -> dict:
         h = self.headers(i)
-        resp = self.http.post("/v1/chat/completions", headers=h, json={
+        resp = self.post("/v1/chat/completions", h, {
             "messages": [{"role": "user", "content": prompt}], "n": n, "max_tokens": MAX_TOKENS,
             "temperature": 1.0, "seed": seed,
         })
@@ -215,14 +227,13 @@ class Users:
         ratings = []
         for message_id, choice in zip(body["tuneloop"]["message_ids"], body["choices"], strict=True):
             rating = "up" if satisfies(choice["message"]["content"], choice["finish_reason"]) else "down"
-            self.http.post(f"/api/messages/{message_id}/feedback", headers=h,
-                           json={"rating": rating}).raise_for_status()
+            self.post(f"/api/messages/{message_id}/feedback", h, {"rating": rating}).raise_for_status()
             ratings.append(rating)
         return {"kind": "thumbs", "ratings": ratings, "adapter": body["tuneloop"]["adapter"],
                 "answers": [(c["message"]["content"], c["finish_reason"]) for c in body["choices"]]}
 
     def answer(self, i: int, prompt: str, temperature: float, n: int, seed: int | None) -> dict:
-        resp = self.http.post("/v1/chat/completions", headers=self.headers(i), json={
+        resp = self.post("/v1/chat/completions", self.headers(i), {
             "messages": [{"role": "user", "content": prompt}], "n": n, "max_tokens": MAX_TOKENS,
             "temperature": temperature, "seed": seed,
         })
