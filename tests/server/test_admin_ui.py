@@ -21,6 +21,7 @@ from server.engine.fake import FakeChatEngine
 from store.tables import AdapterVersion, ApiKey, TrainingRun
 from tests.conftest import make_settings
 from tests.support.admin_data import Seeded, seed
+from tests.support.browser import wait_for_js
 from tests.support.live import LiveServer, start_live_server
 
 pytestmark = [pytest.mark.browser]
@@ -149,12 +150,12 @@ def test_filters_swap_results_and_push_the_url(dashboard, page):
     page.wait_for_url("**/admin/feedback")
     page.select_option("form.filters select[name=adapter]", "v2")
     page.wait_for_url("**adapter=v2**")
-    page.wait_for_function("document.querySelector('#card-ratings .big').textContent.trim() === '2'")
+    wait_for_js(page, "document.querySelector('#card-ratings .big').textContent.trim() === '2'")
     assert page.locator("#card-up .big").inner_text() == "1"
     page.fill("form.filters input[name=tag]", "vague")
     page.press("form.filters input[name=tag]", "Enter")
     page.wait_for_url("**tag=vague**")
-    page.wait_for_function("document.querySelector('#card-ratings .big').textContent.trim() === '1'")
+    wait_for_js(page, "document.querySelector('#card-ratings .big').textContent.trim() === '1'")
     assert page.locator("#card-down .big").inner_text() == "1"
 
 
@@ -175,7 +176,7 @@ def test_rollback_asks_first_and_changes_the_database(dashboard, page):
 
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#rollback")
-    page.wait_for_function("document.querySelector('#serving-now').textContent.trim() === 'v1'")
+    wait_for_js(page, "document.querySelector('#serving-now').textContent.trim() === 'v1'")
     assert "Rolled back" in page.locator("#adapters .notice.ok").inner_text()
     assert page.locator("tr[data-version=v2] td:nth-child(2) .status").inner_text() == "rolled back"
     assert adapter_status(server) == {"v1": "active", "v2": "rolled_back", "v3": "rejected", "v4": "failed"}
@@ -202,7 +203,7 @@ def test_live_status_polls_while_running_and_stops_when_done(dashboard, page):
         run.status, run.finished_at, run.progress = "rejected", datetime.now(timezone.utc), {"phase": "done"}
         session.add(run)
         session.commit()
-    page.wait_for_function("document.querySelector('#run-status')?.dataset.status === 'rejected'", timeout=10_000)
+    wait_for_js(page, "document.querySelector('#run-status')?.dataset.status === 'rejected'", timeout=10_000)
     page.wait_for_load_state("load")
     assert page.locator("#run-status").get_attribute("hx-trigger") is None
     settled = len(polls)

@@ -12,6 +12,7 @@ import pytest
 from sqlmodel import Session, select
 
 from store.tables import Comparison, Conversation, Feedback, Message
+from tests.support.browser import wait_for_js
 
 pytestmark = [pytest.mark.engine, pytest.mark.browser]
 
@@ -59,10 +60,8 @@ def send(page, text: str) -> None:
 
 
 def wait_idle(page, timeout: float = 90_000) -> None:
-    page.wait_for_function(
-        "!document.querySelector('article[data-status=pending], article[data-status=streaming]')",
-        timeout=timeout,
-    )
+    busy = "document.querySelector('article[data-status=pending], article[data-status=streaming]')"
+    wait_for_js(page, f"!{busy}", timeout)
 
 
 def test_chat_streams_then_rate_and_find_rows(live_server, page):
@@ -104,7 +103,7 @@ def test_stop_and_regenerate(live_server, page):
     page.goto(server.base_url + "/")
     send(page, "Write a long story about a dragon.")
     page.wait_for_url("**/c/*")
-    page.wait_for_function("document.querySelector('.answer-text.streaming')?.innerText.length > 10", timeout=90_000)
+    wait_for_js(page, "document.querySelector('.answer-text.streaming')?.innerText.length > 10", timeout=90_000)
     page.locator("button.stop").click()
     page.wait_for_selector("article.assistant[data-status=stopped]", timeout=30_000)
     stopped_id = int(page.locator("article.assistant").last.get_attribute("data-message-id"))
@@ -112,7 +111,7 @@ def test_stop_and_regenerate(live_server, page):
     assert stopped.status == "stopped" and stopped.completion_tokens < 400
 
     page.locator("button.regenerate").click()
-    page.wait_for_function("document.querySelector('.answer-text.streaming')?.innerText.length > 5", timeout=90_000)
+    wait_for_js(page, "document.querySelector('.answer-text.streaming')?.innerText.length > 5", timeout=90_000)
     page.locator("button.stop").click()
     wait_idle(page)
     regenerated_id = int(page.locator("article.assistant").last.get_attribute("data-message-id"))
