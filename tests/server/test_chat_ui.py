@@ -24,7 +24,10 @@ CHROMIUM_ARGS = [
 ARTIFACTS = os.environ.get("TUNELOOP_TEST_ARTIFACTS", "test-artifacts")
 
 
-@pytest.fixture(scope="session")
+# Module scope, never session: a running sync_playwright keeps an event loop
+# current in this thread, and later modules that start one of their own
+# (another sync_playwright, asyncio.run, async tests) would fail.
+@pytest.fixture(scope="module")
 def browser() -> Iterator:
     from playwright.sync_api import sync_playwright
 
