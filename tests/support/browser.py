@@ -14,8 +14,16 @@ import time
 def wait_for_js(page, expression: str, timeout: float = 30_000, interval_s: float = 0.05) -> None:
     """Wait until ``expression`` (JavaScript, evaluated in the page) is truthy;
     ``timeout`` in milliseconds, as Playwright's own waits."""
+    from playwright.sync_api import Error
+
     deadline = time.monotonic() + timeout / 1000
-    while not page.evaluate(expression):
+    while True:
+        try:
+            if page.evaluate(expression):
+                return
+        except Error as exc:  # the page navigated meanwhile (as wait_for_function, try again)
+            if "context was destroyed" not in str(exc) and "navigat" not in str(exc):
+                raise
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout / 1000:.0f} s waiting for: {expression}")
         time.sleep(interval_s)
