@@ -143,6 +143,10 @@ def bench_settings(data_dir: Path, **overrides: Any):
         "model": DEFAULT_MODEL,
         "ab_rate": 0.0,
         "scheduler": False,
+        # Benchmarks drive far more traffic per identity than a person: the
+        # limits are off unless a bench is about them (bench/hostile.py).
+        "rate_limits": False,
+        "max_concurrent_generations": 0,
     }
     values.update(overrides)
     return Settings(**values)

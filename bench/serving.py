@@ -21,7 +21,13 @@ competes with vLLM for the same cores). Targets: >= 0.95x throughput and
 
     .venv/bin/python bench/serving.py --quick          # ~4-5 min on 2 cores
     .venv/bin/python bench/serving.py                  # full: 128 tokens, 4 reps (~15 min)
-    .venv/bin/python bench/serving.py --adapter PATH   # both modes on a LoRA
+    .venv/bin/python bench/serving.py --adapter PATH   # tuneloop serving a LoRA
+    TUNELOOP_SERVING_MODE=lora .venv/bin/python bench/serving.py --adapter PATH
+
+With ``--adapter`` in the merged serving mode (the default without a GPU) the
+adapter is merged into the engine's weights and ``vllm_http`` is vLLM's own
+server on the base model, same compiled engine: the limit. In the lora mode
+``vllm_http`` serves the adapter as a LoRA, as ``vllm serve --enable-lora`` does.
 
 Prints one JSON line last on stdout; progress and logs go to stderr.
 """
@@ -99,7 +105,9 @@ def start_vllm_http_server(engine, loop_thread, settings, adapter) -> tuple[str,
 
     argv = ["--model", str(settings.model), "--disable-log-stats", "--disable-uvicorn-access-log",
             "--max-model-len", str(settings.max_model_len)]
-    if adapter is None:
+    if adapter is None or engine.merged:
+        # merged serving: the engine has no LoRA; vLLM's server then serves the
+        # base model on the same compiled engine -- the limit an adapter is held to
         argv += ["--served-model-name", "tuneloop"]
     else:  # requests name "tuneloop": the LoRA, as in tuneloop's own API
         argv += ["--served-model-name", "base", "--enable-lora", "--lora-modules", f"tuneloop={adapter.path}"]
@@ -172,7 +180,7 @@ PROFILED = [
     ("server.answers", "AnswerService", "_finish"),
     ("server.answers", "AnswerService", "check_context_fits"),
     ("server.engine.vllm_engine", "VllmChatEngine", "prompt_token_ids"),
-    ("server.adapters", "AdapterRegistry", "active_in_db"),
+    ("server.adapters", "AdapterRegistry", "plan_in_db"),
 ]
 
 
@@ -401,6 +409,7 @@ def main() -> int:
             "mode": "quick" if quick else "full",
             "model": Path(settings.model).name,
             "adapter": adapter.name if adapter else None,
+            "serving_mode": "merged" if engine.merged else "lora",
             "max_tokens": max_tokens,
             "temperature": 0,
             "reps": reps,

@@ -1,12 +1,17 @@
 """Keeps this server's engine on the adapter the database calls active.
 
-Promotion, activation and rollback only change the database; each server
-process polls it and swaps itself (load + warm first, then switch; answers
-already streaming finish on their adapter). If a version will not load, this
-server records the failure and keeps serving the adapter it had; once every
-live server has failed to load it (one server alone: at once), it is marked
-``failed`` and the database falls back to the version before it, so serving
-stays on a working adapter without anyone watching (``store.load_failures``).
+Promotion, activation and rollback only change the database, and the change
+signals every server when it commits (``store.adapter_signal``: PostgreSQL
+``LISTEN/NOTIFY``, or the SQLite signal file). On a signal -- or, should one
+be lost, every ``TUNELOOP_ADAPTER_POLL_SECONDS`` -- this server re-reads the
+registry and swaps itself: a flip when the version is already loaded
+(candidates and rollback targets are preloaded, ``server.adapters``), else
+load + warm first, then switch; answers already streaming finish on their
+adapter. If a version will not load, this server records the failure and
+keeps serving the adapter it had; once every live server has failed to load
+it (one server alone: at once), it is marked ``failed`` and the database falls
+back to the version before it, so serving stays on a working adapter without
+anyone watching (``store.load_failures``).
 """
 
 from __future__ import annotations
@@ -14,16 +19,28 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sqlalchemy.engine import URL
+
 from server.adapters import AdapterRegistry
-from server.engine.base import AdapterLoadError, EngineUnavailable
+from server.engine.base import AdapterLoadError, AdapterRef, EngineUnavailable
+from store.adapter_signal import listen_for_changes
 
 log = logging.getLogger("tuneloop.adapter_watcher")
 
+RETRY_S = 1.0  # after a failed sync (engine restarting, database busy), at the latest
+
 
 async def sync_once(registry: AdapterRegistry) -> bool:
-    """Swap to the database's active adapter if it differs; True if it swapped."""
+    """Swap to the database's active adapter if it differs, and start preloading
+    the versions to keep loaded beside it; True if it swapped."""
     # Database calls run in a thread: a locked database must not stall streaming.
-    wanted = await asyncio.to_thread(registry.active_in_db)
+    wanted, keep = await asyncio.to_thread(registry.plan_in_db)
+    swapped = await _follow(registry, wanted)
+    registry.preload(keep)
+    return swapped
+
+
+async def _follow(registry: AdapterRegistry, wanted: AdapterRef | None) -> bool:
     if wanted == registry.active:
         return False
     if wanted is not None and await asyncio.to_thread(registry.already_failed, wanted):
@@ -43,14 +60,22 @@ async def sync_once(registry: AdapterRegistry) -> bool:
     return True
 
 
-async def watch_active_adapter(registry: AdapterRegistry, poll_seconds: float) -> None:
-    while True:
+async def watch_active_adapter(registry: AdapterRegistry, poll_seconds: float, database_url: str | URL) -> None:
+    """Sync on every change signal from the database at ``database_url``, and
+    every ``poll_seconds`` without one; until cancelled."""
+    async with listen_for_changes(database_url) as changes:
         try:
-            await sync_once(registry)
-        except EngineUnavailable:
-            pass  # the engine is (re)starting; try again on the next tick
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("adapter sync failed; retrying")
-        await asyncio.sleep(poll_seconds)
+            while True:
+                wait = poll_seconds
+                try:
+                    await sync_once(registry)
+                except EngineUnavailable:
+                    wait = min(poll_seconds, RETRY_S)  # the engine is (re)starting
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("adapter sync failed; retrying")
+                    wait = min(poll_seconds, RETRY_S)
+                await changes.wait(wait)
+        finally:
+            registry.cancel_preloads()

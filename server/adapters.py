@@ -1,26 +1,37 @@
-"""The adapter in service, and switching it.
+"""The adapter in service, switching it, and the adapters kept loaded beside it.
 
 Every adapter version ``vN`` has its own immutable directory, engine name and
 LoRA id (= N), because vLLM never re-reads an id it has already loaded.
 Switching loads and warms the new version first and only then points new
 requests at it; answers already streaming finish on the adapter they started
 with (``AnswerService`` pins it when it claims a message).
+
+Preloading makes a switch a pointer flip: the versions worth having ready --
+the candidate the gate is deciding on, the version a rollback returns to
+(``store.registry.versions_to_keep_loaded``) -- are loaded and warmed in the
+background (``ChatEngine.preload_adapter``) without changing what serves. At
+most ``TUNELOOP_MAX_LORAS`` adapters, the active one included, are counted as
+loaded, least recently used forgotten first, as the engine's own LoRA cache
+evicts; switching to one counted as loaded calls nothing in the engine. A
+version that failed to preload fails its switch the same way, without a
+second try, and the failure is recorded as for any load (``store.load_failures``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from server.engine.base import AdapterLoadError, AdapterRef, ChatEngine
+from server.engine.base import AdapterLoadError, AdapterRef, ChatEngine, EngineUnavailable
 from store.adapter_files import AdapterFilesError, check_servable
 from store.db import session_scope
 from store.load_failures import failed_here, record_load_failure, settle
 from store.presence import new_claim_id
-from store.registry import active_version
+from store.registry import active_version, versions_to_keep_loaded
 from store.tables import AdapterVersion
 
 log = logging.getLogger("tuneloop.adapters")
@@ -31,9 +42,13 @@ def adapter_ref(row: AdapterVersion) -> AdapterRef:
 
 
 class AdapterRegistry:
-    """Holds the active adapter of this server process (None = base model)."""
+    """Holds the active adapter of this server process (None = base model) and
+    the adapters loaded beside it. ``keep_loaded``: how many adapters the
+    engine keeps loaded at once (``TUNELOOP_MAX_LORAS``)."""
 
-    def __init__(self, engine: ChatEngine, db: Engine, max_rank: int = 16, replica: str | None = None) -> None:
+    def __init__(
+        self, engine: ChatEngine, db: Engine, max_rank: int = 16, replica: str | None = None, keep_loaded: int = 3
+    ) -> None:
         self.engine = engine
         self.db = db
         self.max_rank = max_rank
@@ -41,12 +56,20 @@ class AdapterRegistry:
         self.replica = replica or new_claim_id()
         self.active: AdapterRef | None = None
         self.switches = 0  # times this server changed the adapter it serves (a metric)
+        self.keep_loaded = max(1, keep_loaded)
         self._switch_lock = asyncio.Lock()
+        self._preload_lock = asyncio.Lock()
+        # loaded and warmed in the engine, least recently used first
+        self._loaded: OrderedDict[int, AdapterRef] = OrderedDict()
+        self._preloads: dict[int, asyncio.Task[None]] = {}
+        self._preload_errors: dict[AdapterRef, str] = {}
 
-    def active_in_db(self) -> AdapterRef | None:
+    def plan_in_db(self) -> tuple[AdapterRef | None, list[AdapterRef]]:
+        """The version the database calls active, and those to keep loaded beside it."""
         with Session(self.db) as session:
             row = active_version(session)
-            return adapter_ref(row) if row else None
+            keep = versions_to_keep_loaded(session, row)
+            return (adapter_ref(row) if row else None), [adapter_ref(r) for r in keep]
 
     def already_failed(self, ref: AdapterRef) -> bool:
         """Whether this replica already failed to load ``ref`` since it was
@@ -64,17 +87,89 @@ class AdapterRegistry:
         with session_scope(self.db) as session:
             return record_load_failure(session, ref.lora_id, self.replica, error)
 
+    def is_loaded(self, ref: AdapterRef) -> bool:
+        """Whether ``ref`` is loaded and warm here: switching to it is a pointer flip."""
+        return self._loaded.get(ref.lora_id) == ref
+
     async def switch_to(self, ref: AdapterRef | None) -> None:
-        """Load and warm ``ref`` in the engine, then serve new requests with it.
-        Raises AdapterLoadError (and keeps the current adapter) if it won't load."""
+        """Serve new requests with ``ref``, loading and warming it first unless it
+        is loaded already. Raises AdapterLoadError (and keeps the current
+        adapter) if it won't load."""
         async with self._switch_lock:
-            if ref is not None and ref != self.active:
-                try:
-                    await asyncio.to_thread(check_servable, ref.path, self.max_rank)
-                except AdapterFilesError as exc:
-                    raise AdapterLoadError(str(exc)) from exc
-                await self.engine.load_adapter(ref)
+            if ref is not None and ref != self.active and not self.is_loaded(ref):
+                await self._load(ref)
+            # New requests pin ``ref`` from here on; an engine serving merged
+            # weights swaps them now (answers in flight finish first).
             previous, self.active = self.active, ref
+            try:
+                await self.engine.serve(ref)
+            except BaseException:
+                self.active = previous
+                raise
+            if ref is not None:
+                self._remember(ref)
             if previous != ref:
                 self.switches += 1
                 log.info("serving adapter %s (was %s)", ref.name if ref else "base", previous)
+
+    def preload(self, refs: list[AdapterRef]) -> None:
+        """Load and warm ``refs`` (most wanted first) in the background, one at a
+        time, as far as there is room beside the active adapter; what serves
+        does not change. Errors are kept for :meth:`switch_to`, never raised."""
+        room = self.keep_loaded - (self.active is not None)
+        for ref in refs[:max(room, 0)]:
+            if ref == self.active or self.is_loaded(ref) or ref.lora_id in self._preloads \
+                    or ref in self._preload_errors:
+                continue
+            self._preloads[ref.lora_id] = asyncio.create_task(self._preload(ref), name=f"preload-{ref.name}")
+
+    def cancel_preloads(self) -> None:
+        for task in self._preloads.values():
+            task.cancel()
+
+    async def _load(self, ref: AdapterRef) -> None:
+        pending = self._preloads.get(ref.lora_id)
+        if pending is not None:
+            await asyncio.shield(pending)  # it records its own errors
+            if self.is_loaded(ref):
+                return
+        error = self._preload_errors.pop(ref, None)
+        if error is not None:
+            raise AdapterLoadError(error)
+        await self._check(ref)
+        await self.engine.load_adapter(ref)
+        self._remember(ref)
+
+    async def _preload(self, ref: AdapterRef) -> None:
+        try:
+            async with self._preload_lock:
+                await self._check(ref)
+                if await self.engine.preload_adapter(ref):
+                    self._remember(ref)
+                    log.info("adapter %s loaded and warm, ready to serve", ref.name)
+        except AdapterLoadError as exc:
+            self._preload_errors[ref] = str(exc)
+            log.warning("adapter %s could not be preloaded (a switch to it will fail here): %s", ref.name, exc)
+        except EngineUnavailable:
+            pass  # the engine is (re)starting; the next sync tries again
+        except Exception:
+            log.exception("preloading adapter %s failed", ref.name)
+        finally:
+            self._preloads.pop(ref.lora_id, None)
+
+    async def _check(self, ref: AdapterRef) -> None:
+        try:
+            await asyncio.to_thread(check_servable, ref.path, self.max_rank)
+        except AdapterFilesError as exc:
+            raise AdapterLoadError(str(exc)) from exc
+
+    def _remember(self, ref: AdapterRef) -> None:
+        """Count ``ref`` as loaded and most recently used (the active adapter
+        stays most recent: every request uses it); forget the least recently
+        used beyond ``keep_loaded``, as the engine's LoRA cache evicts them."""
+        self._loaded[ref.lora_id] = ref
+        self._loaded.move_to_end(ref.lora_id)
+        if self.active is not None and self._loaded.get(self.active.lora_id) == self.active:
+            self._loaded.move_to_end(self.active.lora_id)
+        while len(self._loaded) > self.keep_loaded:
+            self._loaded.popitem(last=False)

@@ -150,6 +150,8 @@ class AnswerService:
         if last is not None:
             values |= {"finish_reason": last.finish_reason, "prompt_tokens": last.prompt_tokens,
                        "completion_tokens": last.completion_tokens}
+            if "served_adapter" in last.extra:  # a swap came between pinning and generating
+                values["adapter_version"] = last.extra["served_adapter"]
         elif status == "stopped":
             values["finish_reason"] = "stopped"
         for delay in (*FINISH_RETRY_DELAYS, None):
@@ -389,8 +391,11 @@ class AnswerJob:
                 self._queue.put_nowait(exc)
             finally:
                 if service.metrics is not None:
+                    adapter_name = self.adapter.name if self.adapter else None
+                    if last is not None:
+                        adapter_name = last.extra.get("served_adapter", adapter_name)
                     service.metrics.observe_answer(
-                        self.adapter.name if self.adapter else None, status, started, first_token,
+                        adapter_name, status, started, first_token,
                         last.completion_tokens if last else None, time.perf_counter(),
                     )
                 self._queue.put_nowait(None)

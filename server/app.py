@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import OperationalError
 
 from server.adapter_watcher import watch_active_adapter
@@ -21,6 +21,7 @@ from server.api_key_cache import ApiKeyCache
 from server.engine.base import ChatEngine
 from server.engine.factory import build_engine
 from server.errors import install_error_handlers
+from server.feedback_ingest import FeedbackIngest
 from server.login_throttle import LoginThrottle
 from server.metrics import Metrics, RequestMetrics
 from server.middleware import BodySizeLimit, BrowserIdentity
@@ -33,6 +34,7 @@ from server.security_headers import SecurityHeaders
 from server.timeouts import BodyReadTimeout
 from server.upload_gate import AdminBeforeUpload
 from store.db import make_engine, session_scope, upgrade
+from store.feedback_writer import FeedbackWriter
 from store.presence import RENEW_S as PRESENCE_RENEW_S
 from store.run_lease import reap_stale_runs
 from store.settings import Settings
@@ -52,7 +54,7 @@ def create_app(
         upgrade(settings.resolved_database_url)
     owns_engine = engine is None
     chat_engine = engine or build_engine(settings)
-    adapters = AdapterRegistry(chat_engine, db, settings.max_lora_rank)
+    adapters = AdapterRegistry(chat_engine, db, settings.max_lora_rank, keep_loaded=settings.max_loras)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,7 +70,7 @@ def create_app(
             first_presence = 1.0
         presence = asyncio.create_task(answers.keep_presence(first_presence))
         startup = asyncio.create_task(
-            _start_serving(chat_engine, adapters, owns_engine, settings.adapter_poll_seconds)
+            _start_serving(chat_engine, adapters, owns_engine, settings.adapter_poll_seconds, db.url)
         )
         scheduler = RetrainScheduler(settings, db) if settings.scheduler else None
         if scheduler:
@@ -79,6 +81,7 @@ def create_app(
         finally:
             startup.cancel()
             presence.cancel()
+            await app.state.feedback.close()  # what was accepted is committed before the database goes
             try:
                 await asyncio.to_thread(answers.withdraw)
             except OperationalError:  # the presence lease expires by itself within store.presence.TTL_S
@@ -108,6 +111,7 @@ def create_app(
         settings, chat_engine, db, adapters, metrics, slots=app.state.generation_slots
     )
     app.state.api_key_cache = ApiKeyCache(settings.api_key_cache_seconds)
+    app.state.feedback = FeedbackIngest(FeedbackWriter(db, settings.eval_share))
     app.state.templates = make_templates()
     app.state.login_throttle = LoginThrottle(settings.rate_limit_storage)
     app.state.started_at = time.time()
@@ -138,11 +142,12 @@ def _reap_stale_runs(db: Engine) -> None:
 
 
 async def _start_serving(
-    engine: ChatEngine, adapters: AdapterRegistry, owns_engine: bool, poll_seconds: float
+    engine: ChatEngine, adapters: AdapterRegistry, owns_engine: bool, poll_seconds: float, database_url: URL
 ) -> None:
     """Start the engine (vLLM takes ~40 s on CPU: the port is open meanwhile and
     /healthz says "starting"), then keep it on the adapter the database calls
-    active for as long as the server runs."""
+    active for as long as the server runs (told of every change at once,
+    re-reading every ``poll_seconds`` regardless)."""
     if owns_engine:
         try:
             await engine.start()
@@ -151,4 +156,4 @@ async def _start_serving(
         except Exception:
             log.exception("engine start-up failed; /healthz reports it and requests get 503")
             return
-    await watch_active_adapter(adapters, poll_seconds)
+    await watch_active_adapter(adapters, poll_seconds, database_url)

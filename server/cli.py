@@ -277,7 +277,7 @@ def _change_active(settings: Settings, change) -> None:
             name = row.name if row else "the base model"
     except StoreError as exc:
         raise CliError(str(exc)) from exc
-    print(f"active: {name} (running servers swap to it within a few seconds)")
+    print(f"active: {name} (running servers swap to it at once)")
 
 
 def cmd_adapters_activate(args: argparse.Namespace, settings: Settings) -> None:

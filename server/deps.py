@@ -4,7 +4,8 @@ as its needs.
 - What ``create_app`` built, once per app: ``SettingsDep``, ``DbDep`` (the
   SQLAlchemy engine), ``EngineDep`` (the chat engine), ``AdaptersDep``,
   ``AnswersDep``, ``MetricsDep``, ``ApiKeyCacheDep``, ``TemplatesDep``,
-  ``StartedAtDep``. Routes read the app's state only through these.
+  ``StartedAtDep``, ``FeedbackIngestDep`` (the group-commit feedback
+  writer). Routes read the app's state only through these.
 - Per request: ``SessionDep`` (a database session).
 - Who is asking: ``CurrentUser`` (API key or browser cookie), ``BrowserUser``
   (chat pages), ``AdminDep`` (JSON admin API: admin token or dashboard
@@ -35,6 +36,7 @@ from server.answers import AnswerService
 from server.api_key_cache import ApiKeyCache
 from server.engine.base import ChatEngine
 from server.errors import ApiError, SignInRequired
+from server.feedback_ingest import FeedbackIngest
 from server.identity import BrowserSession, user_for_api_key
 from server.login_throttle import LoginThrottle
 from server.metrics import Metrics
@@ -88,6 +90,10 @@ async def get_started_at(request: Request) -> float:
     return request.app.state.started_at
 
 
+async def get_feedback_ingest(request: Request) -> FeedbackIngest:
+    return request.app.state.feedback
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DbDep = Annotated[Engine, Depends(get_db)]
 EngineDep = Annotated[ChatEngine, Depends(get_engine)]
@@ -99,6 +105,8 @@ TemplatesDep = Annotated[Jinja2Templates, Depends(get_templates)]
 LoginThrottleDep = Annotated[LoginThrottle, Depends(get_login_throttle)]
 StartedAtDep = Annotated[float, Depends(get_started_at)]
 """When the app was built (seconds since the epoch): the ``created`` of /v1/models."""
+FeedbackIngestDep = Annotated[FeedbackIngest, Depends(get_feedback_ingest)]
+"""Thumbs and choices, group-committed (``server.feedback_ingest``)."""
 
 
 def get_session(db: DbDep) -> Iterator[Session]:

@@ -1,18 +1,20 @@
 """A server that cannot load an adapter version, among several sharing one database.
 
-Each server process (a replica) polls the active version and loads it into its
-own engine. A replica that fails records the failure here, under its presence
-claim id (``store.presence``), and keeps serving the adapter it had: its bad
-disk or full GPU must not roll back the replicas that loaded the version
-fine. The version is marked ``failed`` -- and the database rolls back to the
-version before it -- only once every *live* replica (announcing its presence
-now) has failed to load it. One replica alone fails it at once, as before.
+Each server process (a replica) follows the active version (told of every
+change, ``store.adapter_signal``) and loads it into its own engine. A replica
+that fails records the failure here, under its presence claim id
+(``store.presence``), and keeps serving the adapter it had: its bad disk or
+full GPU must not roll back the replicas that loaded the version fine. The
+version is marked ``failed`` -- and the database rolls back to the version
+before it -- only once every *live* replica (announcing its presence now) has
+failed to load it. One replica alone fails it at once, as before.
 
 Whoever records a failure settles the version in the same transaction, with
 the version's row locked (PostgreSQL), so two replicas failing at the same
 moment see each other's failure. A replica that already failed settles again
-on every poll (``settle``): when the last replica that served the version
-stops announcing, the version is failed without anyone loading it again.
+on every re-read of the registry (``settle``, at least every
+``TUNELOOP_ADAPTER_POLL_SECONDS``): when the last replica that served the
+version stops announcing, the version is failed without anyone loading it again.
 
 Example (replicas ``a`` and ``b`` announcing, v2 active)::
 

@@ -1,11 +1,14 @@
 """Turning feedback into chosen/rejected pairs.
 
 Pairs exist as soon as the feedback does: recording a thumb or an A/B choice
-builds the pairs it supports at once (``pairs_for_thumb``, ``pairs_for_choice``),
-so an export right after collecting feedback has them. ``build_pairs`` builds
-whatever is still missing from the whole history (idempotent; the training
-cycle and every export run it). A thumb or choice that is changed withdraws the
-pairs it made, unless a training run already used them (they stay, for lineage).
+builds the pairs it supports at once, in the same transaction (``thumb_pairs``,
+``choice_pairs``: Core statements, called by ``store.feedback``; a
+transaction's pair changes go in together, ``PairChanges``), so an export
+right after collecting feedback has them. ``build_pairs`` builds whatever is
+still missing from the whole history (idempotent; the training cycle and every
+export run it). A thumb or choice that is changed withdraws the pairs it made,
+unless a training run already used them (they stay, for lineage). Both ways
+decide a pair with the one function ``pair_values``.
 
 Sources:
 - A/B choices: the winner over the loser, same context. Ties and "both bad"
@@ -25,14 +28,27 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import or_
+from sqlalchemy import and_, bindparam, delete, or_
+from sqlalchemy import select as core_select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
 from store.conversations import chat_context, thread
-from store.tables import Comparison, Conversation, Feedback, Message, PreferencePair, TrainingRunPair, User
+from store.tables import (
+    Comparison,
+    Conversation,
+    Feedback,
+    Message,
+    PreferencePair,
+    TrainingRunPair,
+    User,
+    utcnow,
+)
 
 
 @dataclass
@@ -64,7 +80,7 @@ def split_for(hash_hex: str, eval_share: float) -> str:
     return "eval" if int(hash_hex[:8], 16) % 10_000 < eval_share * 10_000 else "train"
 
 
-def _usable(message: Message | None) -> bool:
+def _usable(message: Any) -> bool:
     return (
         message is not None
         and message.role == "assistant"
@@ -120,32 +136,46 @@ class _Builder:
     def add(
         self, source: str, user_id: int | None, chosen: Message | None, rejected: Message | None, **refs: Any
     ) -> None:
-        if not (_usable(chosen) and _usable(rejected)) or self._is_excluded(user_id):
+        values = None
+        if not self._is_excluded(user_id):
+            values = pair_values(source, user_id, chosen, rejected, lambda: self.context(chosen),
+                                 self.eval_share, **refs)
+        if values is None:
             self.report.skipped += 1
             return
-        assert chosen is not None and rejected is not None
-        if chosen.content.strip() == rejected.content.strip():
-            self.report.skipped += 1
-            return
-        prompt = self.context(chosen)
-        if not prompt or prompt[-1]["role"] != "user":
-            self.report.skipped += 1
-            return
-        digest = content_hash(prompt, chosen.content, rejected.content)
+        digest = values["content_hash"]
         if self._is_known(digest):
             self.report.duplicates += 1
             return
         if self.known is not None:
             self.known.add(digest)
-        self.session.add(
-            PreferencePair(
-                prompt=prompt, chosen=chosen.content, rejected=rejected.content, source=source,
-                split=split_for(digest, self.eval_share), content_hash=digest, user_id=user_id,
-                chosen_message_id=chosen.id, rejected_message_id=rejected.id, **refs,
-            )
-        )
+        self.session.add(PreferencePair(**values))
         self.report.added += 1
         self.report.added_by_source[source] += 1
+
+
+def pair_values(
+    source: str, user_id: int | None, chosen: Any, rejected: Any, context: Callable[[], list[dict[str, str]]],
+    eval_share: float, **refs: Any,
+) -> dict[str, Any] | None:
+    """The pair ``chosen`` over ``rejected`` makes, as PreferencePair column
+    values; None when they make none (an answer unusable, both the same text,
+    or no user question right before them). ``chosen``/``rejected`` are any
+    objects with a message's fields (ORM rows or Core rows); ``context()``
+    gives the chat before them and is called only when needed."""
+    if not (_usable(chosen) and _usable(rejected)):
+        return None
+    if chosen.content.strip() == rejected.content.strip():
+        return None
+    prompt = context()
+    if not prompt or prompt[-1]["role"] != "user":
+        return None
+    digest = content_hash(prompt, chosen.content, rejected.content)
+    return {
+        "prompt": prompt, "chosen": chosen.content, "rejected": rejected.content, "source": source,
+        "split": split_for(digest, eval_share), "content_hash": digest, "user_id": user_id,
+        "chosen_message_id": chosen.id, "rejected_message_id": rejected.id, **refs,
+    }
 
 
 def build_pairs(session: Session, eval_share: float = 0.1) -> BuildReport:
@@ -210,52 +240,186 @@ def _add_thumbs(builder: _Builder, user_id: int, rated: _Rated, built: set[tuple
             )
 
 
-def _withdraw(session: Session, made_by) -> int:
-    """Delete the pairs matching ``made_by`` that no training run has used (a
-    used pair stays: an adapter's lineage must keep pointing at it). Returns
-    how many went."""
-    used = select(TrainingRunPair.pair_id).where(TrainingRunPair.pair_id == PreferencePair.id)
-    stale = session.exec(select(PreferencePair).where(made_by, ~used.exists())).all()
-    for pair in stale:
-        session.delete(pair)
-    session.flush()
-    return len(stale)
+# --- building at the moment feedback is recorded: Core, in the writer's transaction ---
+# Statements are built once, with bound parameters: SQLAlchemy then skips
+# constructing them and reuses their compiled form (this runs per feedback write).
+
+ANSWER_FIELDS = (
+    "id", "conversation_id", "parent_id", "role", "content", "status", "caller_written", "excluded_from_training",
+)
+"""The message columns deciding whether an answer makes a pair (``_usable``) and where its context is."""
+
+_PAIRS = PreferencePair.__table__
+_RUN_PAIRS = TrainingRunPair.__table__
+_MESSAGES = Message.__table__
+_FEEDBACK = Feedback.__table__
+
+_WITHDRAW = delete(_PAIRS).where(
+    or_(_PAIRS.c.chosen_feedback_id.in_(bindparam("feedback_ids", expanding=True)),
+        _PAIRS.c.rejected_feedback_id.in_(bindparam("feedback_ids", expanding=True)),
+        _PAIRS.c.comparison_id.in_(bindparam("comparison_ids", expanding=True))),
+    ~core_select(_RUN_PAIRS.c.pair_id).where(_RUN_PAIRS.c.pair_id == _PAIRS.c.id).exists(),
+)
+_THREAD = core_select(
+    _MESSAGES.c.id, _MESSAGES.c.parent_id, _MESSAGES.c.role, _MESSAGES.c.content, _MESSAGES.c.status
+).where(_MESSAGES.c.conversation_id == bindparam("conversation_id"))
+# The answers to one message (the parent's index), then their thumbs by the unique
+# (message, user) index. ``user_id + 0`` keeps SQLite's planner, which has no
+# statistics, off the user_id index: a user's thumbs on everything, a scan that
+# grows with their history.
+_OPPOSITE_THUMBS = (
+    core_select(_FEEDBACK.c.id.label("feedback_id"), *(_MESSAGES.c[name] for name in ANSWER_FIELDS))
+    .select_from(_MESSAGES.join(_FEEDBACK, and_(_FEEDBACK.c.message_id == _MESSAGES.c.id,
+                                                _FEEDBACK.c.user_id + 0 == bindparam("user_id"))))
+    .where(_MESSAGES.c.parent_id == bindparam("parent_id"),
+           _MESSAGES.c.conversation_id == bindparam("conversation_id"),
+           _FEEDBACK.c.rating == bindparam("rating"))
+    .order_by(_FEEDBACK.c.id)
+)
+_INSERT_PAIRS = {
+    "sqlite": sqlite.insert(_PAIRS).on_conflict_do_nothing(index_elements=["content_hash"]),
+    "postgresql": postgresql.insert(_PAIRS).on_conflict_do_nothing(index_elements=["content_hash"]),
+}
 
 
-def pairs_for_choice(session: Session, comparison: Comparison, eval_share: float) -> BuildReport:
-    """The pair an A/B choice supports (the winner over the other answer), built
-    now; a pair from an earlier, different choice on it is withdrawn."""
-    _withdraw(session, PreferencePair.comparison_id == comparison.id)
-    builder = _Builder(session, eval_share, whole_history=False)
-    _add_choice(builder, comparison)
-    session.flush()
-    return builder.report
+class PairChanges:
+    """The pair changes of one transaction's feedback writes, applied together
+    by :meth:`flush` before it commits: one DELETE for every withdrawal, one
+    INSERT for every new pair, instead of two statements per write.
+
+    Kept equal to doing each at once: a withdrawal also drops the pending pairs
+    of that thumb or choice (made earlier in the transaction, not stored yet),
+    and the DELETE runs before the INSERT, so a pair withdrawn and made again
+    in one transaction is stored once. It also caches each context read.
+    """
+
+    def __init__(self) -> None:
+        self.contexts: dict[tuple[int, int | None], list[dict[str, str]]] = {}
+        self.pending: dict[str, dict[str, Any]] = {}  # content hash -> row; the first one made wins
+        self._made_by: dict[tuple[str, int], set[str]] = defaultdict(set)  # (kind, id) -> hashes pending
+        self._sources: dict[str, list[tuple[str, int]]] = {}  # hash pending -> its (kind, id)s
+        self.feedback_ids: set[int] = set()
+        self.comparison_ids: set[int] = set()
+
+    def withdraw_thumb(self, feedback_id: int) -> None:
+        """The pairs thumb ``feedback_id`` made go, unless a training run used them
+        (a used pair stays: an adapter's lineage must keep pointing at it)."""
+        self.feedback_ids.add(feedback_id)
+        self._drop(("feedback", feedback_id))
+
+    def withdraw_choice(self, comparison_id: int) -> None:
+        """The same for the pair of comparison ``comparison_id``."""
+        self.comparison_ids.add(comparison_id)
+        self._drop(("comparison", comparison_id))
+
+    def _drop(self, source: tuple[str, int]) -> None:
+        for digest in self._made_by.pop(source, ()):
+            del self.pending[digest]
+            for other in self._sources.pop(digest):
+                if other != source:
+                    self._made_by[other].discard(digest)
+
+    def add(self, values: dict[str, Any]) -> None:
+        """A new pair (``pair_values``); one with a hash already made or stored is left out."""
+        digest = values["content_hash"]
+        if digest in self.pending:
+            return
+        self.pending[digest] = values
+        sources = [(kind, values[key]) for kind, key in (("feedback", "chosen_feedback_id"),
+                                                         ("feedback", "rejected_feedback_id"),
+                                                         ("comparison", "comparison_id"))
+                   if values.get(key) is not None]
+        self._sources[digest] = sources
+        for source in sources:
+            self._made_by[source].add(digest)
+
+    def flush(self, conn: Connection) -> None:
+        """Apply the withdrawals, then insert the new pairs (a hash already stored
+        is left out by the database, so a concurrent build in another process
+        cannot make this fail)."""
+        if self.feedback_ids or self.comparison_ids:
+            conn.execute(_WITHDRAW, {"feedback_ids": sorted(self.feedback_ids),
+                                     "comparison_ids": sorted(self.comparison_ids)})
+        if self.pending:
+            _insert_pairs(conn, list(self.pending.values()))
+        self.feedback_ids, self.comparison_ids, self.pending = set(), set(), {}
+        self._made_by.clear()
+        self._sources.clear()
+
+    def context(self, conn: Connection, conversation_id: int, parent_id: int | None) -> list[dict[str, str]]:
+        """The chat messages of the thread ending at ``parent_id`` (what an answer
+        to it was given), read once per transaction."""
+        key = (conversation_id, parent_id)
+        if key not in self.contexts:
+            by_id = {row.id: row for row in conn.execute(_THREAD, {"conversation_id": conversation_id})}
+            path = []
+            node = by_id.get(parent_id) if parent_id is not None else None
+            while node is not None:
+                path.append(node)
+                node = by_id.get(node.parent_id) if node.parent_id is not None else None
+            path.reverse()
+            self.contexts[key] = chat_context(path)
+        return self.contexts[key]
 
 
-def pairs_for_thumb(session: Session, feedback: Feedback, eval_share: float) -> BuildReport:
-    """The pairs a thumb supports within its context (the same user's opposite
-    thumbs on answers to the same message), built now; pairs from an earlier
-    rating of the same thumb are withdrawn."""
-    _withdraw(session, or_(
-        PreferencePair.chosen_feedback_id == feedback.id, PreferencePair.rejected_feedback_id == feedback.id
-    ))
-    message = session.get(Message, feedback.message_id)
-    builder = _Builder(session, eval_share, whole_history=False)
-    if message is None:
-        return builder.report
-    rated: _Rated = {"up": [], "down": []}
-    for other, answer in session.exec(
-        select(Feedback, Message)
-        .where(
-            Feedback.message_id == Message.id, Feedback.user_id == feedback.user_id,
-            Message.conversation_id == message.conversation_id, Message.parent_id == message.parent_id,
+def _insert_pairs(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    now = utcnow()
+    by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)  # one key set per executemany
+    for row in rows:
+        by_source[row["source"]].append({"excluded_from_training": False, "created_at": now, **row})
+    statement = _INSERT_PAIRS.get(conn.dialect.name)
+    for same_keys in by_source.values():
+        if statement is not None:
+            conn.execute(statement, same_keys)
+            continue
+        hashes = [row["content_hash"] for row in same_keys]
+        known = set(conn.execute(
+            core_select(_PAIRS.c.content_hash).where(_PAIRS.c.content_hash.in_(hashes))
+        ).scalars())
+        fresh = [row for row in same_keys if row["content_hash"] not in known]
+        if fresh:
+            conn.execute(_PAIRS.insert(), fresh)
+
+
+def thumb_pairs(
+    conn: Connection, changes: PairChanges, feedback_id: int, user_id: int, rating: str, answer: Any,
+    eval_share: float,
+) -> None:
+    """The pairs a (new or changed) thumb supports within its context: the same
+    user's opposite thumbs on answers to the same message -- up over down.
+    ``answer``: the rated message's ANSWER_FIELDS. The caller withdrew what its
+    old rating made and checked the user is not excluded."""
+    if answer.parent_id is None:  # an answer without a question before it makes no pair
+        return
+    others = conn.execute(_OPPOSITE_THUMBS, {
+        "parent_id": answer.parent_id, "conversation_id": answer.conversation_id, "user_id": user_id,
+        "rating": "down" if rating == "up" else "up",
+    }).all()
+    for other in others:
+        if rating == "up":
+            chosen, rejected, refs = answer, other, (feedback_id, other.feedback_id)
+        else:
+            chosen, rejected, refs = other, answer, (other.feedback_id, feedback_id)
+        values = pair_values(
+            "thumbs", user_id, chosen, rejected,
+            lambda: changes.context(conn, answer.conversation_id, answer.parent_id), eval_share,
+            chosen_feedback_id=refs[0], rejected_feedback_id=refs[1],
         )
-        .order_by(col(Feedback.id))
-    ).all():
-        rated[other.rating].append((other, answer))
-    # Only the combinations that include this thumb are new.
-    own = [(f, m) for f, m in rated[feedback.rating] if f.id == feedback.id]
-    opposite = "down" if feedback.rating == "up" else "up"
-    _add_thumbs(builder, feedback.user_id, {feedback.rating: own, opposite: rated[opposite]}, set())
-    session.flush()
-    return builder.report
+        if values is not None:
+            changes.add(values)
+
+
+def choice_pairs(
+    conn: Connection, changes: PairChanges, comparison_id: int, user_id: int, chosen: Any, rejected: Any,
+    eval_share: float,
+) -> None:
+    """The pair an A/B choice supports: the winner over the other answer. The
+    caller withdrew the pair of an earlier choice and checked the user is not
+    excluded."""
+    values = pair_values(
+        "comparison", user_id, chosen, rejected,
+        lambda: changes.context(conn, chosen.conversation_id, chosen.parent_id), eval_share,
+        comparison_id=comparison_id,
+    )
+    if values is not None:
+        changes.add(values)

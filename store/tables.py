@@ -244,9 +244,10 @@ class PreferencePair(SQLModel, table=True):
     user_id: int | None = Field(default=None, foreign_key="users.id", index=True)
     chosen_message_id: int | None = Field(default=None, foreign_key="messages.id")
     rejected_message_id: int | None = Field(default=None, foreign_key="messages.id")
-    comparison_id: int | None = Field(default=None, foreign_key="comparisons.id")
-    chosen_feedback_id: int | None = Field(default=None, foreign_key="feedback.id")
-    rejected_feedback_id: int | None = Field(default=None, foreign_key="feedback.id")
+    # indexed: a changed thumb or choice withdraws its pairs by these (store.pairs)
+    comparison_id: int | None = Field(default=None, foreign_key="comparisons.id", index=True)
+    chosen_feedback_id: int | None = Field(default=None, foreign_key="feedback.id", index=True)
+    rejected_feedback_id: int | None = Field(default=None, foreign_key="feedback.id", index=True)
     created_at: datetime = _timestamp(index=True)
 
 

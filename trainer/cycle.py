@@ -13,8 +13,9 @@ renewal finds the lease gone, the run stops at the next training step, and it
 promotes only in a transaction that has checked it still holds the lease.
 No single pair can fail a run: one the trainer cannot use is recorded as
 ``skipped`` with its reason and never picked again.
-Serving is never touched from here: servers notice a new active version in
-the database and swap it in themselves.
+Serving is never touched from here: registering the candidate and promoting
+it signal the servers (``store.adapter_signal``), which load and warm the
+candidate while the gate decides and swap to it themselves once it is active.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from sqlmodel import Session, col, select
 from store.db import make_engine, session_scope
 from store.exchange.pair_format import Pair
 from store.pairs import build_pairs
-from store.registry import activate, active_version, reserve_version, version_name
+from store.registry import activate, active_version, register_candidate, reserve_version, version_name
 from store.run_lease import Heartbeat, LeaseLost, release_reserved_versions, release_run, still_holds
 from store.selection import RunSelection, select_for_run
 from store.settings import Settings
@@ -174,9 +175,7 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
     result = _train(settings, db, run_id, parent[1], new + replay, out_dir, config, heartbeat)
 
     with session_scope(db) as session:
-        row = session.exec(select(AdapterVersion).where(AdapterVersion.version == version)).one()
-        row.status = "candidate"
-        session.add(row)
+        register_candidate(session, version)
         run = session.get(TrainingRun, run_id)
         run.progress = {"phase": "evaluating"}
         session.add(run)

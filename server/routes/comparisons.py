@@ -13,9 +13,9 @@ from server.deps import (
     AnswersDep,
     CurrentUser,
     EngineDep,
+    FeedbackIngestDep,
     GenerationSlotsDep,
     MetricsDep,
-    SessionDep,
     SettingsDep,
     rate_limited,
 )
@@ -24,7 +24,7 @@ from server.errors import ApiError
 from server.schemas import ChoiceIn, ComparisonIn, validate_chat
 from store.conversations import start_turn
 from store.db import session_scope
-from store.feedback import record_choice
+from store.feedback import Choice
 from store.settings import Settings
 from store.tables import Message, User
 
@@ -83,11 +83,10 @@ async def create_comparison(
 
 
 @router.post("/comparisons/{comparison_id}/choice", dependencies=[rate_limited("feedback")])
-def choose(
-    comparison_id: int, body: ChoiceIn, user: CurrentUser, session: SessionDep, settings: SettingsDep,
-    metrics: MetricsDep,
+async def choose(
+    comparison_id: int, body: ChoiceIn, user: CurrentUser, ingest: FeedbackIngestDep, metrics: MetricsDep,
 ) -> dict:
-    comparison = record_choice(session, user, comparison_id, body.winner, eval_share=settings.eval_share)
-    session.commit()
+    """Answered once the choice is committed (group commit: ``server.feedback_ingest``)."""
+    recorded = await ingest.choice(Choice(user.id, comparison_id, body.winner))
     metrics.feedback(f"choice_{body.winner}")
-    return {"id": comparison.id, "winner": comparison.winner, "decided_at": comparison.decided_at.isoformat()}
+    return {"id": recorded.comparison_id, "winner": recorded.winner, "decided_at": recorded.decided_at.isoformat()}

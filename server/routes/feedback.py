@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlmodel import select
 
-from server.deps import CurrentUser, MetricsDep, SessionDep, SettingsDep, rate_limited
+from server.deps import CurrentUser, FeedbackIngestDep, MetricsDep, SessionDep, rate_limited
 from server.schemas import FeedbackIn
 from store.conversations import owned_message
-from store.feedback import record_feedback
+from store.feedback import Thumb
 from store.tables import Feedback, Message
 
 router = APIRouter(prefix="/api", tags=["feedback"])
@@ -50,13 +50,10 @@ def get_message(message_id: int, user: CurrentUser, session: SessionDep) -> dict
 
 
 @router.post("/messages/{message_id}/feedback", dependencies=[rate_limited("feedback")])
-def post_feedback(
-    message_id: int, body: FeedbackIn, user: CurrentUser, session: SessionDep, settings: SettingsDep,
-    metrics: MetricsDep,
+async def post_feedback(
+    message_id: int, body: FeedbackIn, user: CurrentUser, ingest: FeedbackIngestDep, metrics: MetricsDep,
 ) -> dict:
-    feedback = record_feedback(
-        session, user, message_id, body.rating, body.comment, body.tags, eval_share=settings.eval_share
-    )
-    session.commit()
+    """Answered once the thumb is committed (group commit: ``server.feedback_ingest``)."""
+    recorded = await ingest.thumb(Thumb(user.id, message_id, body.rating, body.comment, tuple(body.tags)))
     metrics.feedback(f"thumbs_{body.rating}")
-    return {"message_id": message_id, **(feedback_json(feedback) or {})}
+    return {"message_id": message_id, **recorded.to_json()}

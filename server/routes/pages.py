@@ -27,6 +27,7 @@ from server.deps import (
     BrowserSessionDep,
     BrowserUser,
     DbDep,
+    FeedbackIngestDep,
     GenerationSlotsDep,
     MetricsDep,
     PageRender,
@@ -54,7 +55,7 @@ from store.conversations import (
     start_turn,
     thread,
 )
-from store.feedback import record_choice, record_feedback
+from store.feedback import Choice, Thumb
 from store.settings import Settings
 from store.tables import Comparison, Conversation, Message, User
 
@@ -343,9 +344,9 @@ def select_branch(message_id: int, user: BrowserUser, session: SessionDep) -> Re
 
 
 @router.post("/answers/{message_id}/feedback", dependencies=[rate_limited("feedback", page=True)])
-def rate_answer(
-    message_id: int, request: Request, user: BrowserUser, session: SessionDep,
-    settings: SettingsDep, metrics: MetricsDep, render: PageRender,
+async def rate_answer(
+    message_id: int, request: Request, user: BrowserUser, db: DbDep, ingest: FeedbackIngestDep,
+    metrics: MetricsDep, render: PageRender,
     rating: Annotated[str | None, Form()] = None,
     current_rating: Annotated[str | None, Form()] = None,
     comment: Annotated[str, Form(max_length=2000)] = "",
@@ -355,27 +356,33 @@ def rate_answer(
     if chosen not in ("up", "down"):
         raise ApiError(400, "choose thumbs up or thumbs down first", "rating")
     data = FeedbackIn(rating=chosen, comment=comment, tags=[t for t in tags.split(",") if t.strip()])
-    record_feedback(session, user, message_id, data.rating, data.comment, data.tags, eval_share=settings.eval_share)
-    session.commit()
+    recorded = await ingest.thumb(Thumb(user.id, message_id, data.rating, data.comment, tuple(data.tags)))
     metrics.feedback(f"thumbs_{chosen}")
-    message, conversation = owned_message(session, user, message_id)
     if is_htmx(request):
-        view = message_view(session, user, message, conversation)
-        return render("_feedback.html", {"user": user, **view})
-    return RedirectResponse(f"/c/{conversation.id}", status_code=303)
+        return await run_in_threadpool(_view_fragment, db, user, message_id, render, "_feedback.html")
+    return RedirectResponse(f"/c/{recorded.conversation_id}", status_code=303)
 
 
 @router.post("/comparisons/{comparison_id}/choice", dependencies=[rate_limited("feedback", page=True)])
-def choose(
-    comparison_id: int, request: Request, user: BrowserUser, session: SessionDep, settings: SettingsDep,
+async def choose(
+    comparison_id: int, request: Request, user: BrowserUser, db: DbDep, ingest: FeedbackIngestDep,
     metrics: MetricsDep, render: PageRender, winner: Annotated[str, Form()],
 ) -> Response:
-    comparison = record_choice(session, user, comparison_id, winner, eval_share=settings.eval_share)  # type: ignore[arg-type]
-    session.commit()
+    recorded = await ingest.choice(Choice(user.id, comparison_id, winner))
     metrics.feedback(f"choice_{winner}")
-    conversation = session.get(Conversation, comparison.conversation_id)
     if is_htmx(request):
-        chosen = session.get(Message, comparison.message_b_id if winner == "b" else comparison.message_a_id)
-        view = message_view(session, user, chosen, conversation)
-        return render("_message.html", {"user": user, **view, "choice": winner})
-    return RedirectResponse(f"/c/{conversation.id}", status_code=303)
+        return await run_in_threadpool(
+            _view_fragment, db, user, recorded.chosen_id, render, "_message.html", {"choice": winner}
+        )
+    return RedirectResponse(f"/c/{recorded.conversation_id}", status_code=303)
+
+
+def _view_fragment(
+    db: Engine, user: User, message_id: int, render: Callable[..., HTMLResponse], template: str,
+    extra: dict | None = None,
+) -> HTMLResponse:
+    """A message's fragment after its feedback was committed (read in a session of its own)."""
+    with Session(db) as session:
+        message, conversation = owned_message(session, user, message_id)
+        view = message_view(session, user, message, conversation)
+        return render(template, {"user": user, **view, **(extra or {})})

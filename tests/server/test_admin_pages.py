@@ -27,8 +27,8 @@ PAGES = ["/admin", "/admin/feedback", "/admin/conversations", "/admin/pairs", "/
 
 
 def dashboard_settings(tmp_path, **overrides):
-    """The seeded adapter folders do not exist: the adapter watcher would mark
-    the active one failed on its next poll, so it polls once, at start-up."""
+    """The server follows every activation at once (``data`` seeds servable
+    folders for it); the fallback poll stays out of the way."""
     return make_settings(tmp_path, adapter_poll_seconds=3600, **overrides)
 
 
@@ -45,7 +45,7 @@ def client(app):
 
 @pytest.fixture
 def data(app):
-    return seed(app.state.db)
+    return seed(app.state.db, adapters_dir=app.state.settings.adapters_dir)
 
 
 def sign_in(client, token: str = TOKEN, next_url: str = "/admin"):

@@ -49,11 +49,11 @@ def browser() -> Iterator:
 
 
 def start_dashboard(tmp_path, engine_loop, hold_retrain_lease: bool = False) -> tuple[LiveServer, Seeded]:
-    # The seeded adapter folders do not exist: poll the active adapter only at start-up,
-    # or the watcher would mark v2 failed under the test.
+    # The server follows every activation at once: the seeded adapters get servable folders.
     settings = make_settings(tmp_path / "app", adapter_poll_seconds=3600)
     server = start_live_server(settings, FakeChatEngine(), engine_loop)
-    return server, seed(server.app.state.db, hold_retrain_lease=hold_retrain_lease)
+    return server, seed(server.app.state.db, hold_retrain_lease=hold_retrain_lease,
+                        adapters_dir=settings.adapters_dir)
 
 
 @pytest.fixture

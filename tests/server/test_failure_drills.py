@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -26,7 +27,7 @@ from server.identity import create_api_key
 from store.adapter_files import AdapterFilesError, check_servable
 from store.conversations import add_message, start_conversation
 from store.db import make_engine, session_scope, upgrade
-from store.tables import Feedback, User
+from store.tables import Comparison, Feedback, User
 from tests.conftest import REPO, make_settings
 from tests.support.live import free_port
 
@@ -100,15 +101,36 @@ def test_full_disk_gives_503_and_only_whole_rows(tmp_path):
     assert all(r.comment == ("long reason " * 150).strip() for r in rows)
 
 
+def _comparisons(db, user_id: int, n: int) -> list[int]:
+    with session_scope(db) as session:
+        user = session.get(User, user_id)
+        conversation = start_conversation(session, user, "api", "q")
+        question = add_message(session, conversation, None, "user", "q")
+        made = []
+        for i in range(n):
+            a, b = (add_message(session, conversation, question.id, "assistant", f"{side}{i}") for side in "ab")
+            comparison = Comparison(user_id=user_id, conversation_id=conversation.id,
+                                    message_a_id=a.id, message_b_id=b.id)
+            session.add(comparison)
+            session.flush()
+            made.append(comparison.id)
+        return made
+
+
 def test_sigkill_during_a_burst_of_feedback_keeps_every_acknowledged_write(tmp_path):
+    """16 clients change thumbs (rating and comment) and A/B choices over and
+    over, each on targets of its own, through the group-commit writer; the
+    server is killed mid-burst. For every target, the database holds its last
+    acknowledged value -- or a later one whose request got no answer (it may
+    have been committed just before the kill)."""
     settings = make_settings(tmp_path)
     upgrade(settings.resolved_database_url)
     db = make_engine(settings.resolved_database_url)
     user_id, key = _api_user(db)
-    message_ids = _answers(db, user_id, 400)
+    targets = [("m", m) for m in _answers(db, user_id, 300)] + [("c", c) for c in _comparisons(db, user_id, 100)]
     port = free_port()
     env = {**os.environ, "TUNELOOP_DATA_DIR": str(settings.data_dir), "TUNELOOP_ENGINE": "fake",
-           "TUNELOOP_PORT": str(port), "TUNELOOP_SCHEDULER": "false"}
+           "TUNELOOP_PORT": str(port), "TUNELOOP_SCHEDULER": "false", "TUNELOOP_RATE_LIMITS": "false"}
 
     def serve() -> subprocess.Popen:
         process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], cwd=REPO, env=env,
@@ -124,33 +146,71 @@ def test_sigkill_during_a_burst_of_feedback_keeps_every_acknowledged_write(tmp_p
         raise AssertionError("server did not start")
 
     server = serve()
-    acked: set[int] = set()
+    killed = threading.Event()
+    acked = 0
+    history: dict[tuple[str, int], list[tuple[str, int | None]]] = {}  # target -> [(value, status)] in order
+    lock = threading.Lock()
 
-    def post(message_id: int) -> None:
-        try:
-            response = httpx.post(f"http://127.0.0.1:{port}/api/messages/{message_id}/feedback",
-                                  headers={"Authorization": f"Bearer {key}"}, json={"rating": "down"}, timeout=5)
-        except httpx.HTTPError:
-            return
-        if response.status_code == 200:
-            acked.add(message_id)
+    def client(index: int) -> None:
+        nonlocal acked
+        mine = targets[index::16]
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=5) as http:
+            for n in range(10_000):
+                kind, target = mine[n % len(mine)]
+                if kind == "m":
+                    rating = ("up", "down")[(n // len(mine)) % 2]
+                    value = f"{rating}|{index}-{n}"
+                    path, body = f"/api/messages/{target}/feedback", {"rating": rating, "comment": f"{index}-{n}"}
+                else:
+                    value = ("a", "b", "tie", "both_bad")[(n // len(mine)) % 4]
+                    path, body = f"/api/comparisons/{target}/choice", {"winner": value}
+                try:
+                    status = http.post(path, json=body).status_code
+                except httpx.HTTPError:
+                    status = None
+                with lock:
+                    history.setdefault((kind, target), []).append((value, status))
+                    acked += status == 200
+                if status is None and killed.is_set():
+                    return
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(post, m) for m in message_ids]
-        while len(acked) < 60:
-            time.sleep(0.01)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(client, i) for i in range(16)]
+        _wait_until(lambda: acked >= 400, timeout=120)
         os.kill(server.pid, signal.SIGKILL)
-        concurrent.futures.wait(futures)
+        killed.set()
+        for future in futures:
+            future.result()
     server.wait()
-    assert 60 <= len(acked) < len(message_ids)
+    assert acked >= 400
     restarted = serve()
     try:
         with Session(db) as session:
-            stored = set(session.exec(select(Feedback.message_id)).all())
+            thumbs = {f.message_id: f"{f.rating}|{f.comment}" for f in session.exec(select(Feedback))}
+            choices = dict(session.exec(select(Comparison.id, Comparison.winner)).all())
     finally:
         restarted.terminate()
         restarted.wait(timeout=30)
-    assert acked <= stored
+    lost = []
+    for (kind, target), writes in history.items():
+        stored = thumbs.get(target) if kind == "m" else choices.get(target)
+        last_acked = max((i for i, (_, status) in enumerate(writes) if status == 200), default=None)
+        allowed = {writes[last_acked][0]} if last_acked is not None else {None}
+        start = 0 if last_acked is None else last_acked + 1
+        allowed |= {value for value, status in writes[start:] if status is None}  # no answer: either way
+        if stored not in allowed:
+            lost.append((kind, target, stored, writes[-3:]))
+    assert lost == []
+    assert sum(1 for writes in history.values() if any(status == 200 for _, status in writes)) > 100
+
+
+def _wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.01)
 
 
 def _adapter(folder, weights: dict, config: dict | None = None):

@@ -296,7 +296,92 @@ def test_prompt_longer_than_the_context_is_a_value_error(engine: VllmChatEngine,
     assert engine.ready
 
 
+def lora_mode_only(engine: VllmChatEngine) -> None:
+    """LoRA serving needs an engine built with LoRA: the session's engine is in
+    the merged mode on CPU (the default there); `TUNELOOP_SERVING_MODE=lora make
+    test` runs these on CPU, and they are the default on a GPU."""
+    if engine.merged:
+        pytest.skip("the session's engine serves adapters merged (TUNELOOP_SERVING_MODE=lora runs this)")
+
+
+def merged_mode_only(engine: VllmChatEngine) -> None:
+    if not engine.merged:
+        pytest.skip("the session's engine serves adapters as LoRAs")
+
+
+def peft_greedy(model: str, adapter_dir: Path | None, messages: list[dict[str, str]], tokens: int) -> list[int]:
+    """Token ids PEFT/transformers produce greedily for ``messages``: the reference
+    a served version must equal."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from store.exchange.pair_format import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if adapter_dir is not None:
+        reference = PeftModel.from_pretrained(reference, str(adapter_dir))
+    ids = torch.tensor([encode_prompt(tokenizer, messages)])
+    with torch.no_grad():
+        out = reference.generate(ids, max_new_tokens=tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_a_merged_version_answers_as_peft_does_and_the_base_comes_back_exactly(
+    engine: VllmChatEngine, run, lora_dirs: dict[str, Path]
+) -> None:
+    merged_mode_only(engine)
+    v1 = AdapterRef("engine-test-v1", 901, str(lora_dirs["v1"]))
+    v2 = AdapterRef("engine-test-v2", 902, str(lora_dirs["v2"]))
+    story = SamplingSettings(temperature=0.0, max_tokens=24)
+    base = text_of(run(collect(engine, STORY, story)))
+    tokenizer = engine._tokenizer
+    try:
+        run(engine.load_adapter(v1))
+        run(engine.serve(v1))
+        chunks = run(collect(engine, STORY, story, adapter=v1))
+        with_v1 = text_of(chunks)
+        assert "served_adapter" not in chunks[-1].extra  # it ran on what it asked for
+        # temperature 0: the same tokens as PEFT/transformers with the adapter (float32 both)
+        expected = peft_greedy(engine.model, lora_dirs["v1"], STORY, 24)
+        assert with_v1 == tokenizer.decode(expected, skip_special_tokens=True) and with_v1 != base
+        run(engine.serve(v2))
+        assert text_of(run(collect(engine, STORY, story, adapter=v2))) not in (base, with_v1)
+        # a request still pinned to v1 runs on what serves and says so
+        stale = run(collect(engine, STORY, story, adapter=v1))
+        assert stale[-1].extra["served_adapter"] == "engine-test-v2"
+    finally:
+        run(engine.serve(None))
+    assert text_of(run(collect(engine, STORY, story))) == base
+
+
+def test_answers_in_flight_finish_on_the_weights_they_started_with(
+    engine: VllmChatEngine, run, lora_dirs: dict[str, Path]
+) -> None:
+    merged_mode_only(engine)
+    v1 = AdapterRef("engine-test-v1", 901, str(lora_dirs["v1"]))
+    long = SamplingSettings(temperature=0.0, max_tokens=48)
+    base = text_of(run(collect(engine, STORY, long)))
+
+    async def swap_during_an_answer() -> tuple[list[GenerationChunk], float, float]:
+        answer = asyncio.create_task(collect(engine, STORY, long))
+        await asyncio.sleep(0.3)  # it is generating
+        await engine.serve(v1)
+        swapped = time.monotonic()
+        chunks = await answer
+        return chunks, swapped, time.monotonic()
+
+    try:
+        chunks, swapped, _ = run(swap_during_an_answer())
+        assert text_of(chunks) == base and "served_adapter" not in chunks[-1].extra
+        assert text_of(run(collect(engine, STORY, long, adapter=v1))) != base
+    finally:
+        run(engine.serve(None))
+
+
 def test_lora_adapters_load_and_change_the_answer(engine: VllmChatEngine, run, lora_dirs: dict[str, Path]) -> None:
+    lora_mode_only(engine)
     v1 = AdapterRef("engine-test-v1", 901, str(lora_dirs["v1"]))
     v2 = AdapterRef("engine-test-v2", 902, str(lora_dirs["v2"]))
     base = text_of(run(collect(engine, HELLO)))
@@ -344,6 +429,7 @@ def test_lora_adapters_load_and_change_the_answer(engine: VllmChatEngine, run, l
 def test_an_adapter_id_cannot_be_reused_for_another_version(
     engine: VllmChatEngine, run, lora_dirs: dict[str, Path]
 ) -> None:
+    lora_mode_only(engine)  # vLLM never re-reads a LoRA id; merged weights have no ids
     run(engine.load_adapter(AdapterRef("engine-test-v1", 901, str(lora_dirs["v1"]))))
 
     with pytest.raises(AdapterLoadError, match="own id"):
@@ -381,8 +467,11 @@ def test_a_dead_engine_answers_unavailable_then_restarts_itself(
     engine: VllmChatEngine, run, lora_dirs: dict[str, Path]
 ) -> None:
     v1 = AdapterRef("engine-test-v1", 901, str(lora_dirs["v1"]))
+    base = text_of(run(collect(engine, HELLO)))
     run(engine.load_adapter(v1))
+    run(engine.serve(v1))  # merged mode: the restarted engine must merge it again
     before = text_of(run(collect(engine, HELLO, adapter=v1)))
+    assert before != base
     restarts = engine.restarts
     pids = engine.engine_core_pids()
     assert pids
@@ -411,5 +500,8 @@ def test_a_dead_engine_answers_unavailable_then_restarts_itself(
 
     assert engine.state == "ready"
     assert engine.engine_core_pids() != pids
+    try:
+        assert text_of(run(collect(engine, HELLO, adapter=v1))) == before
+    finally:
+        run(engine.serve(None))
     assert run(collect(engine, HELLO))[-1].finished
-    assert text_of(run(collect(engine, HELLO, adapter=v1))) == before

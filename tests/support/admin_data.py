@@ -3,13 +3,16 @@ thumbs and A/B choices on several days and adapters, training runs with ORPO
 step logs, adapter versions with gate evaluations, and pairs with lineage.
 
 ``seed(db)`` inserts it and returns the ids; the numbers the pages must show
-follow from the docstring of each part.
+follow from the docstring of each part. With ``adapters_dir``, v1-v3 get
+servable folders there, so a server following the active version can load
+whichever a test activates (the failed v4 never has one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
@@ -26,6 +29,7 @@ from store.tables import (
     TrainingRunPair,
     User,
 )
+from tests.support.adapter_folders import servable_folder
 
 
 @dataclass
@@ -64,12 +68,15 @@ def evaluation(promote: bool, compared_with: str, reasons: list[str]) -> dict:
     }
 
 
-def seed(db: Engine, hold_retrain_lease: bool = False) -> Seeded:
+def seed(db: Engine, hold_retrain_lease: bool = False, adapters_dir: Path | None = None) -> Seeded:
     """Thumbs in the last 30 days: up 1 (a1, v2, tag helpful), down 2 (a2 base,
     tags vague+too-long; a3 v2, tag vague), the down ones yesterday. One more
     thumbs up 40 days ago. A/B: winner a (v2, today), both_bad (base,
     yesterday), one open (v2). Adapters: v1 retired, v2 active (parent v1),
     v3 rejected, v4 failed. Runs: 1 promoted (5 steps, made v2), 2 running."""
+    paths = {v: f"/adapters/v{v}" for v in (1, 2, 3, 4)}
+    if adapters_dir is not None:
+        paths.update({v: str(servable_folder(adapters_dir / f"v{v}")) for v in (1, 2, 3)})
     now = datetime.now(timezone.utc).replace(microsecond=0)
     today, yesterday, long_ago = now, now - timedelta(days=1), now - timedelta(days=40)
     with session_scope(db) as s:
@@ -148,16 +155,16 @@ def seed(db: Engine, hold_retrain_lease: bool = False) -> Seeded:
         s.add_all([promoted, running])
         s.flush()
         s.add_all([
-            AdapterVersion(version=1, path="/adapters/v1", status="retired",
+            AdapterVersion(version=1, path=paths[1], status="retired",
                            created_at=now - timedelta(days=2), activated_at=now - timedelta(days=2)),
-            AdapterVersion(version=2, path="/adapters/v2", status="active", parent_version=1,
+            AdapterVersion(version=2, path=paths[2], status="active", parent_version=1,
                            training_run_id=promoted.id, created_at=now - timedelta(hours=2, minutes=50),
                            activated_at=now - timedelta(hours=2, minutes=50),
                            metrics=evaluation(True, "v1", [])),
-            AdapterVersion(version=3, path="/adapters/v3", status="rejected", parent_version=2,
+            AdapterVersion(version=3, path=paths[3], status="rejected", parent_version=2,
                            created_at=now - timedelta(hours=1),
                            metrics=evaluation(False, "v2", ["sanity NLL rose from 2.050 to 2.300, above 2.153"])),
-            AdapterVersion(version=4, path="/adapters/v4", status="failed", parent_version=2,
+            AdapterVersion(version=4, path=paths[4], status="failed", parent_version=2,
                            created_at=now - timedelta(minutes=30), error="adapter_config.json is missing"),
         ])
         from_choice = PreferencePair(

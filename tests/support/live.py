@@ -47,6 +47,10 @@ class LiveServer:
 
 
 def start_live_server(settings: Settings, engine: ChatEngine, loop_thread: EngineThread) -> LiveServer:
+    # The session's engine outlives each test's app: a new app starts on the
+    # base model, so the engine must too (a previous test may have left an
+    # adapter merged into its weights).
+    loop_thread.run(engine.serve(None), timeout=120)
     app = create_app(settings, engine=engine)
     port = free_port()
     config = uvicorn.Config(

@@ -64,7 +64,7 @@ def activate_version(version: str, _: AdminDep, session: SessionDep) -> dict[str
     """``version``: v3, 3, or base (serve the base model)."""
     row = activate(session, parse_version(version))
     session.commit()
-    return {"active": row.name if row else None, "note": "servers swap to it within a few seconds"}
+    return {"active": row.name if row else None, "note": "servers swap to it at once"}
 
 
 @api.post("/adapters/rollback")
@@ -121,10 +121,10 @@ def adapters_page(
     notice = None
     activated, rolled_back_to = _named_version(activated), _named_version(rolled_back_to)
     if activated:
-        notice = {"kind": "ok", "text": f"{activated} is now active; servers swap to it within a few seconds."}
+        notice = {"kind": "ok", "text": f"{activated} is now active; servers swap to it at once."}
     elif rolled_back_to:
         target = "the base model" if rolled_back_to == "base" else rolled_back_to
-        notice = {"kind": "ok", "text": f"Rolled back: {target} now serves; servers swap within a few seconds."}
+        notice = {"kind": "ok", "text": f"Rolled back: {target} now serves; servers swap at once."}
     return render("adapters.html", _adapters_context(session, notice), admin)
 
 
@@ -152,7 +152,7 @@ def rollback_page(request: Request, admin: AdminPage, session: SessionDep, rende
                                 store_error_status(exc), "")
     session.commit()
     target = row.name if row else "base"
-    text = f"Rolled back: {row.name if row else 'the base model'} now serves; servers swap within a few seconds."
+    text = f"Rolled back: {row.name if row else 'the base model'} now serves; servers swap at once."
     return _adapters_answer(request, render, admin, session, {"kind": "ok", "text": text}, 200,
                             f"rolled_back_to={target}")
 
@@ -184,7 +184,7 @@ def activate_page(
                                 store_error_status(exc), "")
     session.commit()
     name = row.name if row else "base"
-    text = f"{name} is now active; servers swap to it within a few seconds."
+    text = f"{name} is now active; servers swap to it at once."
     return _adapters_answer(request, render, admin, session, {"kind": "ok", "text": text}, 200, f"activated={name}")
 
 

@@ -1,0 +1,336 @@
+"""Group commit (``store.feedback_writer``): the writes of concurrent callers
+share one transaction, each is acknowledged only after its commit, a write the
+store or the database refuses fails alone, a failed commit fails its whole
+batch, and closing drains the queue. On SQLite and PostgreSQL.
+
+Batches are made deterministic by holding the database's write lock while
+writes queue: the writer's first transaction waits on it, everything submitted
+meanwhile becomes its next batch."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+
+import pytest
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session, select
+
+from store.db import make_engine, session_scope, upgrade
+from store.errors import Conflict, InvalidInput, NotFound, NotStored
+from store.feedback import Choice, ChoiceRecorded, Thumb, ThumbRecorded
+from store.feedback_writer import FeedbackWriter
+from store.tables import Comparison, Conversation, Feedback, Message, PreferencePair, User
+
+
+@pytest.fixture
+def db(database_url):
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def _seed(db, answers: int = 6) -> dict:
+    """An owner with ``answers`` finished answers to one question (plus a
+    pending one, a caller-written one), a decided-able comparison, one with a
+    pending answer, and a stranger."""
+    with session_scope(db) as s:
+        owner, stranger = User(kind="api", name="owner"), User(kind="api", name="stranger")
+        s.add_all([owner, stranger])
+        s.flush()
+        conversation = Conversation(user_id=owner.id, title="t")
+        s.add(conversation)
+        s.flush()
+        question = Message(conversation_id=conversation.id, role="user", content="Question?")
+        s.add(question)
+        s.flush()
+        done = [Message(conversation_id=conversation.id, parent_id=question.id, role="assistant",
+                        content=f"answer {i}") for i in range(answers)]
+        pending = Message(conversation_id=conversation.id, parent_id=question.id, role="assistant",
+                          status="pending")
+        written = Message(conversation_id=conversation.id, parent_id=question.id, role="assistant",
+                          content="caller's text", caller_written=True)
+        s.add_all([*done, pending, written])
+        s.flush()
+        conversation.current_leaf_id = done[0].id
+        comparison = Comparison(user_id=owner.id, conversation_id=conversation.id,
+                                message_a_id=done[0].id, message_b_id=done[1].id)
+        unfinished = Comparison(user_id=owner.id, conversation_id=conversation.id,
+                                message_a_id=done[2].id, message_b_id=pending.id)
+        s.add_all([comparison, unfinished])
+        s.flush()
+        return {"owner": owner.id, "stranger": stranger.id, "question": question.id,
+                "answers": [m.id for m in done], "pending": pending.id, "written": written.id,
+                "comparison": comparison.id, "unfinished": unfinished.id}
+
+
+@contextlib.contextmanager
+def _write_lock_held(url: str):
+    """Another connection holds the tables the writer needs until the block ends."""
+    if url.startswith("sqlite"):
+        blocker = sqlite3.connect(make_url(url).database, timeout=1)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            blocker.rollback()
+            blocker.close()
+        return
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("LOCK TABLE feedback, comparisons IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+    engine.dispose()
+
+
+class _Outcomes:
+    """Collects each write's (result, error) from the writer thread."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    def callback(self, key: str):
+        def done(result, error):
+            with self._changed:
+                self.by_key[key] = (result, error)
+                self._changed.notify_all()
+        return done
+
+    def wait(self, count: int, timeout: float = 60) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.by_key) >= count, timeout):
+                raise AssertionError(f"only {len(self.by_key)} of {count} writes were answered")
+
+
+def _submit_while_locked(db, url: str, writer: FeedbackWriter, writes: dict, outcomes: _Outcomes) -> None:
+    """Submit the first write alone (the writer takes it and waits on the
+    lock), then the rest (they queue as the next batch); nothing may be
+    acknowledged before the lock goes."""
+    keys = list(writes)
+    with _write_lock_held(url):
+        writer.submit(writes[keys[0]], outcomes.callback(keys[0]))
+        time.sleep(0.3)
+        for key in keys[1:]:
+            writer.submit(writes[key], outcomes.callback(key))
+        time.sleep(0.3)
+        assert outcomes.by_key == {}, "acknowledged before the commit"
+    outcomes.wait(len(keys))
+
+
+def test_concurrent_writes_share_a_transaction_and_are_acknowledged_after_it(db, database_url):
+    ids = _seed(db, answers=40)
+    owner = ids["owner"]
+    commits: list[int] = []
+    event.listen(db, "commit", lambda conn: commits.append(1))
+    writer = FeedbackWriter(db, eval_share=0.0)
+    rating = {m: "down" if i % 2 else "up" for i, m in enumerate(ids["answers"])}
+    writes: dict = {f"m{m}": Thumb(owner, m, rating[m], f"c{i}", ("t",)) for i, m in enumerate(ids["answers"])}
+    writes["choice"] = Choice(owner, ids["comparison"], "b")
+    outcomes = _Outcomes()
+    _submit_while_locked(db, database_url, writer, writes, outcomes)
+    writer.close()
+
+    assert all(error is None for _, error in outcomes.by_key.values()), outcomes.by_key
+    assert writer.batches == 2 and len(commits) == 2 and writer.committed == len(writes)
+    thumb = outcomes.by_key[f"m{ids['answers'][3]}"][0]
+    assert isinstance(thumb, ThumbRecorded) and (thumb.rating, thumb.comment, thumb.tags) == ("down", "c3", ["t"])
+    choice = outcomes.by_key["choice"][0]
+    assert isinstance(choice, ChoiceRecorded) and choice.chosen_id == ids["answers"][1]
+    with Session(db) as s:
+        stored = {f.message_id: (f.rating, f.comment, f.tags) for f in s.exec(select(Feedback))}
+        pairs = s.exec(select(PreferencePair)).all()
+        comparison = s.get(Comparison, ids["comparison"])
+        conversation = s.get(Conversation, comparison.conversation_id)
+    assert stored == {m: (rating[m], f"c{i}", ["t"]) for i, m in enumerate(ids["answers"])}
+    # every up-rated answer over every down-rated one: the later thumbs of the batch saw the earlier ones
+    thumbs = [p for p in pairs if p.source == "thumbs"]
+    assert len(thumbs) == 20 * 20 and len({p.content_hash for p in thumbs}) == 400
+    # (answer 0 is up, answer 1 down: choosing B makes a pair the thumbs did not)
+    assert [(p.chosen, p.rejected) for p in pairs if p.source == "comparison"] == [("answer 1", "answer 0")]
+    assert comparison.winner == "b" and conversation.current_leaf_id == ids["answers"][1]
+
+
+def test_a_refused_write_fails_alone_and_the_rest_of_its_batch_commits(db, database_url):
+    ids = _seed(db)
+    owner, stranger, (a0, a1, a2, *_) = ids["owner"], ids["stranger"], ids["answers"]
+    writer = FeedbackWriter(db, eval_share=0.0)
+    writes = {
+        "first": Thumb(owner, a0, "up"),
+        "stranger": Thumb(stranger, a1, "up"),
+        "question": Thumb(owner, ids["question"], "up"),
+        "beyond range": Thumb(owner, 2**64, "up"),  # refused by the database itself: the batch is redone
+        "ok": Thumb(owner, a1, "down", "meh"),
+        "pending": Thumb(owner, ids["pending"], "up"),
+        "written": Thumb(owner, ids["written"], "down"),
+        "unfinished choice": Choice(owner, ids["unfinished"], "a"),
+        "stranger's choice": Choice(stranger, ids["comparison"], "a"),
+        "missing": Thumb(owner, 10**9, "up"),
+        "choice": Choice(owner, ids["comparison"], "b"),
+        "again": Thumb(owner, a2, "up"),
+    }
+    outcomes = _Outcomes()
+    _submit_while_locked(db, database_url, writer, writes, outcomes)
+    writer.close()
+
+    errors = {key: type(error) for key, (_, error) in outcomes.by_key.items() if error is not None}
+    beyond = errors.pop("beyond range")
+    assert beyond.__name__ in ("OverflowError", "DataError", "NotFound")  # each a 404 over HTTP
+    assert errors == {"stranger": NotFound, "question": InvalidInput, "pending": Conflict, "written": InvalidInput,
+                      "unfinished choice": Conflict, "stranger's choice": NotFound, "missing": NotFound}
+    assert "only answers can be rated" in str(outcomes.by_key["question"][1])
+    assert "caller sent as history" in str(outcomes.by_key["written"][1])
+    with Session(db) as s:
+        stored = {f.message_id: f.rating for f in s.exec(select(Feedback))}
+        pairs = {(p.source, p.chosen, p.rejected) for p in s.exec(select(PreferencePair))}
+        winners = dict(s.exec(select(Comparison.id, Comparison.winner)).all())
+    assert stored == {a0: "up", a1: "down", a2: "up"}
+    assert pairs == {("thumbs", "answer 0", "answer 1"), ("thumbs", "answer 2", "answer 1"),
+                     ("comparison", "answer 1", "answer 0")}
+    assert winners == {ids["comparison"]: "b", ids["unfinished"]: None}
+    assert writer.committed == 4
+
+
+def test_a_changed_thumb_or_choice_withdraws_its_old_pairs(db):
+    ids = _seed(db)
+    owner, (a0, a1, *_) = ids["owner"], ids["answers"]
+    writer = FeedbackWriter(db, eval_share=0.0)
+
+    def write(w):
+        outcomes = _Outcomes()
+        writer.submit(w, outcomes.callback("w"))
+        outcomes.wait(1)
+        result, error = outcomes.by_key["w"]
+        assert error is None, error
+        return result
+
+    def pairs():
+        with Session(db) as s:
+            return sorted((p.source, p.chosen, p.rejected) for p in s.exec(select(PreferencePair)))
+
+    write(Thumb(owner, a0, "up"))
+    write(Thumb(owner, a1, "down"))
+    assert pairs() == [("thumbs", "answer 0", "answer 1")]
+    assert write(Thumb(owner, a1, "down", "still")).changed is False
+    write(Thumb(owner, a0, "down"))
+    assert pairs() == []
+    write(Choice(owner, ids["comparison"], "b"))
+    assert pairs() == [("comparison", "answer 1", "answer 0")]
+    write(Choice(owner, ids["comparison"], "tie"))
+    assert pairs() == []
+    writer.close()
+
+
+def test_a_failed_commit_fails_every_write_of_its_batch_and_the_writer_goes_on(tmp_path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    db = make_engine(url, busy_timeout_s=0.3)
+    ids = _seed(db)
+    owner, answers = ids["owner"], ids["answers"]
+    writer = FeedbackWriter(db, eval_share=0.0)
+    outcomes = _Outcomes()
+    with _write_lock_held(url):
+        for m in answers[:3]:
+            writer.submit(Thumb(owner, m, "up"), outcomes.callback(str(m)))
+        outcomes.wait(3)
+    assert {type(error) for _, error in outcomes.by_key.values()} == {OperationalError}
+    later = _Outcomes()
+    writer.submit(Thumb(owner, answers[0], "up"), later.callback("later"))
+    later.wait(1)
+    assert later.by_key["later"][1] is None
+    writer.close()
+    with Session(db) as s:
+        assert [f.message_id for f in s.exec(select(Feedback))] == [answers[0]]
+    db.dispose()
+
+
+def test_close_drains_the_queue_then_refuses_until_it_returns(db, database_url):
+    ids = _seed(db, answers=20)
+    owner = ids["owner"]
+    writer = FeedbackWriter(db, eval_share=0.0)
+    outcomes = _Outcomes()
+    closing = threading.Thread(target=writer.close)
+    with _write_lock_held(database_url):
+        for m in ids["answers"]:
+            writer.submit(Thumb(owner, m, "up"), outcomes.callback(str(m)))
+        closing.start()
+        time.sleep(0.2)
+        writer.submit(Thumb(owner, ids["answers"][0], "down"), outcomes.callback("during close"))
+    closing.join(60)
+    assert not closing.is_alive()
+    during = outcomes.by_key.pop("during close")
+    assert isinstance(during[1], NotStored)
+    assert len(outcomes.by_key) == 20 and all(error is None for _, error in outcomes.by_key.values())
+    with Session(db) as s:
+        assert len(s.exec(select(Feedback)).all()) == 20
+    reopened = _Outcomes()
+    writer.submit(Thumb(owner, ids["answers"][0], "down"), reopened.callback("after"))
+    reopened.wait(1)
+    assert reopened.by_key["after"][1] is None
+    writer.close()
+
+
+def _state(db, ids: dict) -> tuple:
+    """Thumbs, winners and pairs, named by message text (ids differ between databases)."""
+    with Session(db) as s:
+        text = dict(s.exec(select(Message.id, Message.content)).all())
+        by_feedback = {f.id: text[f.message_id] for f in s.exec(select(Feedback))}
+        thumbs = sorted((text[f.message_id], f.rating, f.comment) for f in s.exec(select(Feedback)))
+        winners = sorted((text[c.message_a_id], c.winner) for c in s.exec(select(Comparison)))
+        pairs = sorted(
+            (p.source, p.chosen, p.rejected, p.split, by_feedback.get(p.chosen_feedback_id),
+             by_feedback.get(p.rejected_feedback_id), p.comparison_id is not None)
+            for p in s.exec(select(PreferencePair))
+        )
+    return thumbs, winners, pairs
+
+
+def test_a_batch_ends_as_the_same_writes_one_transaction_each(db, database_url, tmp_path):
+    """Thumbs flipping back and forth and choices changing, many times on the
+    same answers within one batch: the pairs withdrawn and made together at the
+    end leave exactly what committing each write alone leaves."""
+    import random
+
+    reference_url = f"sqlite:///{tmp_path / 'one_by_one.db'}"
+    upgrade(reference_url)
+    reference = make_engine(reference_url)
+    ids, reference_ids = _seed(db), _seed(reference)
+    rng = random.Random(7)
+    plan = []
+    for i in range(80):
+        if rng.random() < 0.25:
+            plan.append(("choice", rng.choice(("a", "b", "tie", "both_bad"))))
+        else:
+            plan.append(("thumb", rng.randrange(6), rng.choice(("up", "down")), f"n{i}"))
+
+    def write(seeded: dict, step):
+        if step[0] == "choice":
+            return Choice(seeded["owner"], seeded["comparison"], step[1])
+        return Thumb(seeded["owner"], seeded["answers"][step[1]], step[2], step[3])
+
+    one_by_one = FeedbackWriter(reference, eval_share=0.5)
+    for step in plan:
+        outcomes = _Outcomes()
+        one_by_one.submit(write(reference_ids, step), outcomes.callback("w"))
+        outcomes.wait(1)
+    one_by_one.close()
+    assert one_by_one.batches == len(plan)
+
+    batched = FeedbackWriter(db, eval_share=0.5)
+    outcomes = _Outcomes()
+    _submit_while_locked(db, database_url, batched, {f"w{i}": write(ids, step) for i, step in enumerate(plan)},
+                         outcomes)
+    batched.close()
+    assert batched.batches == 2 and all(error is None for _, error in outcomes.by_key.values())
+    assert _state(db, ids) == _state(reference, reference_ids)
+    assert _state(db, ids)[2], "the plan made pairs"
+    reference.dispose()
