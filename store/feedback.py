@@ -8,10 +8,12 @@ A write is a value (:class:`Thumb`, :class:`Choice`) checked for its shape
 when it is made; :func:`apply_thumb` and :func:`apply_choice` record it on a
 SQLAlchemy ``Connection`` with Core statements, all the store's checks done
 with reads *before* the first statement that changes anything, so a refused
-write (a ``StoreError``) leaves the transaction as it found it. That is what
-lets the feedback writer (``store.feedback_writer``) put the writes of many
-requests in one transaction. ``record_feedback`` and ``record_choice`` do the
-same inside an ORM session (the caller commits).
+write (a ``StoreError``) leaves the transaction as it found it; the pairs a
+write withdraws and builds are collected in a ``store.pairs.PairChanges``
+that the caller flushes before it commits. That is what lets the feedback
+writer (``store.feedback_writer``) put the writes of many requests in one
+transaction. ``record_feedback`` and ``record_choice`` do the same inside an
+ORM session (the caller commits).
 """
 
 from __future__ import annotations
@@ -164,10 +166,10 @@ def apply(conn: Connection, write: Write, eval_share: float, changes: PairChange
 def apply_thumb(conn: Connection, thumb: Thumb, eval_share: float, changes: PairChanges) -> ThumbRecorded:
     """Create or change the thumb, then withdraw the pairs its old rating made
     and build the ones the new rating supports, into ``changes``
-    (``eval_share``: TUNELOOP_EVAL_SHARE).
-    Raises NotFound (no such answer, or not the user's), InvalidInput (not an
-    answer, or one the caller wrote), Conflict (still generating) -- always
-    before changing anything. The caller commits."""
+    (``eval_share``: TUNELOOP_EVAL_SHARE). Raises NotFound (no such answer, or
+    not the user's), InvalidInput (not an answer, or one the caller wrote),
+    Conflict (still generating) -- always before changing anything. The
+    caller commits."""
     row = conn.execute(_THUMB, {"message_id": thumb.message_id}).first()
     if row is None or thumb.user_id is None or row.owner_id != thumb.user_id:
         raise NotFound(f"message {thumb.message_id} not found")
@@ -265,13 +267,6 @@ def record_feedback(
     thumb = Thumb(user.id, message_id, rating, comment, tuple(tags or ()))
     recorded = _apply_in_session(session, thumb, eval_share)
     return session.get(Feedback, recorded.feedback_id)
-
-
-def owned_comparison(session: Session, user: User, comparison_id: int) -> Comparison:
-    comparison = session.get(Comparison, comparison_id)
-    if comparison is None or comparison.user_id != user.id:
-        raise NotFound(f"comparison {comparison_id} not found")
-    return comparison
 
 
 def record_choice(
