@@ -13,14 +13,11 @@ failure, so one machine cannot mint accounts at speed.
 
 from __future__ import annotations
 
-import math
-import time
-
 from limits import parse
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from server.rate_limit import RateLimited
+from server.rate_limit import RateLimited, seconds_until_allowed
 
 PER_NAME = parse("10/15 minutes")
 PER_ADDRESS = parse("30/15 minutes")
@@ -41,7 +38,7 @@ class LoginThrottle:
         (``name`` None: the address only, as for sign-ups)."""
         for item, key in self._keys(name, address):
             if not self.limiter.test(item, key):
-                wait = max(1, math.ceil(self.limiter.get_window_stats(item, key).reset_time - time.time()))
+                wait = seconds_until_allowed(self.limiter, item, key)
                 raise RateLimited(f"too many failed sign-ins; try again in {wait} s", wait)
 
     def failed(self, name: str | None, address: str | None) -> None:

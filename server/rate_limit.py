@@ -49,6 +49,11 @@ def _parse(text: str, setting: str) -> RateLimitItem:
         raise ValueError(f"{setting}={text!r} is not a rate such as '30/minute' or '5 per second'") from exc
 
 
+def seconds_until_allowed(limiter: MovingWindowRateLimiter, item: RateLimitItem, key: str) -> int:
+    """Whole seconds (at least 1) until ``key`` may be hit once more: the Retry-After."""
+    return max(1, math.ceil(limiter.get_window_stats(item, key).reset_time - time.time()))
+
+
 class RateLimiter:
     """Per identity and per address limits for each action."""
 
@@ -77,9 +82,8 @@ class RateLimiter:
             checks.append((self.per_address, f"all:ip:{address}", "requests from your address"))
         for item, key, what in checks:
             if not self.limiter.test(item, key):
-                reset_at = self.limiter.get_window_stats(item, key).reset_time
-                wait = math.ceil(reset_at - time.time())
-                raise RateLimited(f"too many {what} (limit {item}); retry in {max(1, wait)} s", wait)
+                wait = seconds_until_allowed(self.limiter, item, key)
+                raise RateLimited(f"too many {what} (limit {item}); retry in {wait} s", wait)
         for item, key, _ in checks:
             self.limiter.hit(item, key)
 

@@ -51,7 +51,7 @@ def _users_context(session: Session, settings: Settings, notice: dict | None = N
     pairs = _pair_counts(session)
     account_rows = [_user_view(session, u, pairs.get(u.id, 0)) for u in accounts.list_accounts(session)]
     busiest = sorted(((n, uid) for uid, n in pairs.items()), reverse=True)[:TOP_IDENTITIES]
-    identities = [_user_view(session, session.get(User, uid), n) for n, uid in busiest if session.get(User, uid)]
+    identities = [_user_view(session, user, n) for n, uid in busiest if (user := session.get(User, uid))]
     anonymous = session.exec(select(func.count()).select_from(User).where(User.kind == "browser")).one()
     return {
         "nav": "users", "accounts": account_rows, "identities": identities, "anonymous_count": anonymous,
