@@ -27,7 +27,6 @@ from sqlmodel import Session
 from server.identity import BrowserSession
 from store import accounts
 from store.settings import Settings
-from store.tables import User
 
 ADMIN_COOKIE = "tuneloop_admin"
 SESSION_MAX_AGE_S = 12 * 3600
@@ -73,13 +72,11 @@ def admin_account(db: Engine, browser: BrowserSession | None) -> str | None:
     """The username of the admin account a browser session is signed in as: an
     active admin whose sessions were not revoked. Reads the database: call it
     from the thread pool."""
-    if browser is None or browser.uid is None:
+    if browser is None:
         return None
     with Session(db) as session:
-        user = session.get(User, browser.uid)
-        if accounts.session_valid(user, browser.epoch) and user.kind == "account" and user.role == "admin":
-            return user.username
-    return None
+        user = accounts.signed_in_account(session, browser.uid, browser.epoch)
+        return user.username if user is not None and user.role == "admin" else None
 
 
 def cookie_header(settings: Settings, value: str) -> str:

@@ -219,6 +219,13 @@ def new_anonymous_identity(session: Session) -> User:
     return user
 
 
+def signed_in_account(session: Session, user_id: int | None, epoch: int) -> User | None:
+    """The account a session cookie (``user_id``, ``epoch``) is signed in as,
+    or None: no such account, an anonymous identity, or a revoked session."""
+    user = session.get(User, user_id) if user_id is not None else None
+    return user if user is not None and user.kind == "account" and session_valid(user, epoch) else None
+
+
 def session_valid(user: User | None, epoch: int) -> bool:
     """A session cookie (``epoch``) still opens ``user``: not revoked, not disabled."""
     if user is None:

@@ -58,12 +58,8 @@ def _signed_in(request: Request, user: User, to: str) -> Response:
 
 
 def _current_account(db, browser: BrowserSession) -> User | None:
-    if browser.uid is None:
-        return None
     with Session(db) as session:
-        user = session.get(User, browser.uid)
-        valid = user is not None and user.kind == "account" and accounts.session_valid(user, browser.epoch)
-        return user if valid else None
+        return accounts.signed_in_account(session, browser.uid, browser.epoch)
 
 
 @router.get("/login", response_class=HTMLResponse)
@@ -136,8 +132,8 @@ def logout_everywhere(
     """Sign this account out on every browser and API session cookie (keys stay)."""
     _check_csrf(settings, browser, token)
     with Session(db) as session:
-        user = session.get(User, browser.uid) if browser.uid is not None else None
-        if user is None or user.kind != "account" or not accounts.session_valid(user, browser.epoch):
+        user = accounts.signed_in_account(session, browser.uid, browser.epoch)
+        if user is None:
             raise ApiError(401, "you are not signed in")
         accounts.revoke_sessions(session, user)
         session.commit()
