@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import shutil
 import sys
 import time
@@ -295,6 +296,11 @@ def targets(first_answer: dict[str, Any], failed: int) -> dict[str, bool | None]
 
 def main() -> int:
     emit = claim_stdout()
+    # the engine logs each merged swap's split: "drained in X s, weights reloaded in Y s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(name)s %(asctime)s] %(message)s"))
+    logging.getLogger("server.engine").addHandler(handler)
+    logging.getLogger("server.engine").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run (~5 min on 2 cores)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")

@@ -47,6 +47,10 @@ class ChoiceIn(BaseModel):
     winner: Winner
 
 
+class CorrectionIn(BaseModel):
+    text: str = Field(description="the answer you wanted instead; at most TUNELOOP_MAX_MESSAGE_CHARS characters")
+
+
 class ContentPart(BaseModel):
     type: Literal["text"]
     text: str

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlmodel import Session, col, func, select
 
-from store.errors import InvalidInput, LimitExceeded, NotFound
+from store.errors import Conflict, InvalidInput, LimitExceeded, NotFound
 from store.tables import Comparison, Conversation, Feedback, Message, User, utcnow
 
 TITLE_CHARS = 60
@@ -243,3 +243,38 @@ def start_turn(
     # The conversation continues from the first answer (A, until the user chooses).
     set_leaf(session, conversation, answers[0])
     return Turn(conversation, question, answers, comparison)
+
+
+def start_retry(
+    session: Session, user: User, message_id: int, sampling: dict[str, Any], *, max_turns: int
+) -> Turn:
+    """Answer again the question that answer ``message_id`` replied to, and put
+    the two answers side by side: a comparison of that answer (A) and a new
+    pending one (B), in the same context, which the user's choice turns into a
+    pair (``store.feedback.apply_choice``). No coin flip here: the user has
+    read the first answer already, so first and new are shown as such. The
+    conversation shows the comparison (its leaf is A) until the choice.
+
+    Only the latest turn can be tried again: raises InvalidInput (not one of
+    the model's answers), NotFound (not the user's), Conflict (still
+    generating, a reply follows it, or it is already in a comparison waiting
+    for a choice), LimitExceeded (TUNELOOP_MAX_TURNS). The caller commits."""
+    message, conversation = owned_message(session, user, message_id)
+    if message.role != "assistant" or message.caller_written or message.parent_id is None:
+        raise InvalidInput(f"message {message_id} is not one of the model's answers; only answers can be tried again")
+    if message.status in ("pending", "streaming"):
+        raise Conflict(f"message {message_id} is still being generated; try again when it is finished")
+    if session.exec(select(Message.id).where(Message.parent_id == message.id)).first() is not None:
+        raise Conflict(f"message {message_id} has replies after it; only the latest answer can be tried again")
+    if any(message.id in (c.message_a_id, c.message_b_id) for c in open_comparisons(session, conversation)):
+        raise Conflict(f"message {message_id} is already in a comparison; choose the better answer first")
+    check_turn_limit(session, conversation, 1, max_turns)
+    again = add_message(session, conversation, message.parent_id, "assistant", status="pending", sampling=sampling)
+    comparison = Comparison(user_id=user.id, conversation_id=conversation.id,
+                            message_a_id=message.id, message_b_id=again.id)
+    session.add(comparison)
+    session.flush()
+    set_leaf(session, conversation, message)
+    question = session.get(Message, message.parent_id)
+    assert question is not None  # a foreign key
+    return Turn(conversation, question, [message, again], comparison)

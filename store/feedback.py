@@ -13,7 +13,8 @@ write withdraws and builds are collected in a ``store.pairs.PairChanges``
 that the caller flushes before it commits. That is what lets the feedback
 writer (``store.feedback_writer``) put the writes of many requests in one
 transaction. ``record_feedback`` and ``record_choice`` do the same inside an
-ORM session (the caller commits).
+ORM session (the caller commits). Corrections (``store.corrections``) are
+written the same way and go through :func:`apply` too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sqlalchemy import and_, bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session
 
+from store.corrections import CorrectionRecorded, CorrectionWrite, apply_correction
 from store.errors import Conflict, InvalidInput, NotFound
 from store.pairs import ANSWER_FIELDS, PairChanges, choice_pairs, thumb_pairs
 from store.tables import Comparison, Conversation, Feedback, Message, User, utcnow
@@ -150,16 +152,19 @@ class ChoiceRecorded:
         return self.message_b_id if self.winner == "b" else self.message_a_id
 
 
-Write = Thumb | Choice
-Recorded = ThumbRecorded | ChoiceRecorded
+Write = Thumb | Choice | CorrectionWrite
+Recorded = ThumbRecorded | ChoiceRecorded | CorrectionRecorded
 
 
 def apply(conn: Connection, write: Write, eval_share: float, changes: PairChanges) -> Recorded:
-    """Record ``write`` (a :class:`Thumb` or a :class:`Choice`) in ``conn``'s
-    transaction; its pair changes go to ``changes``, which the caller flushes
-    before committing. See :func:`apply_thumb` and :func:`apply_choice`."""
+    """Record ``write`` (a :class:`Thumb`, a :class:`Choice` or a
+    ``store.corrections.CorrectionWrite``) in ``conn``'s transaction; its pair
+    changes go to ``changes``, which the caller flushes before committing. See
+    :func:`apply_thumb`, :func:`apply_choice` and ``apply_correction``."""
     if isinstance(write, Thumb):
         return apply_thumb(conn, write, eval_share, changes)
+    if isinstance(write, CorrectionWrite):
+        return apply_correction(conn, write, eval_share, changes)
     return apply_choice(conn, write, eval_share, changes)
 
 

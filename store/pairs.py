@@ -15,6 +15,9 @@ Sources:
   make no pair (they say nothing about which is better) but are counted.
 - Thumbs: within one context (answers sharing a parent message, usually
   regenerated siblings), every up-rated answer against every down-rated one.
+- Corrections (``store.corrections``): the text a user wrote as the answer
+  they wanted over the model's answer it corrects (``correction_pair``); the
+  chosen side is no message, so the pair names only the rejected one.
 
 A pair's prompt is the full multi-turn context as chat messages. Its
 ``content_hash`` (prompt + chosen + rejected) deduplicates and puts it in the
@@ -30,6 +33,7 @@ import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, or_
@@ -42,6 +46,7 @@ from store.conversations import chat_context, thread
 from store.tables import (
     Comparison,
     Conversation,
+    Correction,
     Feedback,
     Message,
     PreferencePair,
@@ -80,7 +85,7 @@ def split_for(hash_hex: str, eval_share: float) -> str:
     return "eval" if int(hash_hex[:8], 16) % 10_000 < eval_share * 10_000 else "train"
 
 
-def _usable(message: Any) -> bool:
+def usable_answer(message: Any) -> bool:
     return (
         message is not None
         and message.role == "assistant"
@@ -163,7 +168,7 @@ def pair_values(
     or no user question right before them). ``chosen``/``rejected`` are any
     objects with a message's fields (ORM rows or Core rows); ``context()``
     gives the chat before them and is called only when needed."""
-    if not (_usable(chosen) and _usable(rejected)):
+    if not (usable_answer(chosen) and usable_answer(rejected)):
         return None
     if chosen.content.strip() == rejected.content.strip():
         return None
@@ -207,6 +212,7 @@ def build_pairs(session: Session, eval_share: float = 0.1) -> BuildReport:
         by_context[(feedback.user_id, message.parent_id)][feedback.rating].append((feedback, message))
     for (user_id, _parent), rated in by_context.items():
         _add_thumbs(builder, user_id, rated, built_thumbs)
+    _add_corrections(builder)
     session.flush()
     return builder.report
 
@@ -240,6 +246,24 @@ def _add_thumbs(builder: _Builder, user_id: int, rated: _Rated, built: set[tuple
             )
 
 
+def _add_corrections(builder: _Builder) -> None:
+    """The pairs of corrections that have none yet (made while their user or
+    answer was excluded, say); those with their pair are left in the database."""
+    has_pair = (
+        select(PreferencePair.id)
+        .where(PreferencePair.source == "correction", PreferencePair.user_id == Correction.user_id,
+               PreferencePair.rejected_message_id == Correction.message_id,
+               PreferencePair.chosen == Correction.content)
+        .exists()
+    )
+    rows = builder.session.exec(
+        select(Correction, Message).where(Correction.message_id == Message.id, ~has_pair)
+        .order_by(col(Correction.id))
+    ).all()
+    for correction, answer in rows:
+        builder.add("correction", correction.user_id, corrected_answer(answer, correction.content), answer)
+
+
 # --- building at the moment feedback is recorded: Core, in the writer's transaction ---
 # Statements are built once, with bound parameters: SQLAlchemy then skips
 # constructing them and reuses their compiled form (this runs per feedback write).
@@ -247,7 +271,7 @@ def _add_thumbs(builder: _Builder, user_id: int, rated: _Rated, built: set[tuple
 ANSWER_FIELDS = (
     "id", "conversation_id", "parent_id", "role", "content", "status", "caller_written", "excluded_from_training",
 )
-"""The message columns deciding whether an answer makes a pair (``_usable``) and where its context is."""
+"""The message columns deciding whether an answer makes a pair (``usable_answer``) and where its context is."""
 
 _PAIRS = PreferencePair.__table__
 _RUN_PAIRS = TrainingRunPair.__table__
@@ -423,3 +447,52 @@ def choice_pairs(
     )
     if values is not None:
         changes.add(values)
+
+
+# --- corrections ------------------------------------------------------------------
+
+SOURCES = ("comparison", "thumbs", "correction", "import")
+"""Every ``PreferencePair.source``."""
+
+_WITHDRAW_CORRECTION = delete(_PAIRS).where(
+    _PAIRS.c.source == "correction", _PAIRS.c.user_id == bindparam("user_id"),
+    _PAIRS.c.rejected_message_id == bindparam("message_id"),
+    ~core_select(_RUN_PAIRS.c.pair_id).where(_RUN_PAIRS.c.pair_id == _PAIRS.c.id).exists(),
+)
+_PAIR_BY_HASH = core_select(_PAIRS.c.id).where(_PAIRS.c.content_hash == bindparam("content_hash"))
+
+
+def corrected_answer(answer: Any, text: str) -> SimpleNamespace:
+    """``text`` as the answer the user wanted in ``answer``'s place: an object
+    with a message's fields for ``pair_values`` (no id: it is no message)."""
+    return SimpleNamespace(
+        id=None, conversation_id=answer.conversation_id, parent_id=answer.parent_id, role="assistant",
+        content=text, status="complete", caller_written=False, excluded_from_training=False,
+    )
+
+
+def withdraw_correction(conn: Connection, user_id: int, message_id: int) -> None:
+    """Delete the pair ``user_id``'s correction of answer ``message_id`` made,
+    unless a training run used it (then it stays, for the adapter's lineage)."""
+    conn.execute(_WITHDRAW_CORRECTION, {"user_id": user_id, "message_id": message_id})
+
+
+def correction_pair(
+    conn: Connection, changes: PairChanges, user_id: int, text: str, answer: Any, eval_share: float
+) -> int | None:
+    """Store the pair of a correction -- ``text`` chosen over ``answer`` (its
+    ANSWER_FIELDS), source ``correction`` -- and return its id; None when
+    ``pair_values`` makes none (the answer is excluded, say). Stored at once,
+    not with ``changes``' pairs at its flush, so that a later correction of the
+    same answer in the same transaction withdraws it (``withdraw_correction``);
+    a pair with the same content already stored is kept and its id returned.
+    The caller withdrew the correction's earlier pair and checked the user is
+    not excluded."""
+    values = pair_values(
+        "correction", user_id, corrected_answer(answer, text), answer,
+        lambda: changes.context(conn, answer.conversation_id, answer.parent_id), eval_share,
+    )
+    if values is None:
+        return None
+    _insert_pairs(conn, [values])
+    return conn.execute(_PAIR_BY_HASH, {"content_hash": values["content_hash"]}).scalar()

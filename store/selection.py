@@ -35,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, exists, or_
+from sqlalchemy import and_, exists, func, or_
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
@@ -72,9 +72,12 @@ def eligible_pairs(include_anonymous: bool = True):
             (aliased(Message), PreferencePair.rejected_message_id),
         )
     )
+
     answer = aliased(Message)
+    # A correction's chosen side is no message: its conversation is the rejected answer's.
     excluded_conversation = exists().where(
-        answer.id == PreferencePair.chosen_message_id, Conversation.id == answer.conversation_id,
+        answer.id == func.coalesce(PreferencePair.chosen_message_id, PreferencePair.rejected_message_id),
+        Conversation.id == answer.conversation_id,
         Conversation.excluded_from_training == True,  # noqa: E712
     )
     return and_(

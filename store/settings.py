@@ -171,6 +171,11 @@ class Settings(BaseSettings):
         0.5, ge=0.0, description="ORPO lambda: weight of the odds-ratio (preference) term against the "
         "NLL of the chosen answer."
     )
+    train_kto_beta: float = Field(
+        0.1, gt=0.0, description="KTO beta for single thumbs (an answer rated with no sibling to pair it with): "
+        "how far from the reference (the adapter as the KTO stage starts) they may move it; higher = less. "
+        "TRL's default."
+    )
     train_qlora: bool = Field(
         False, description="QLoRA on GPU: 4-bit nf4 base, double quantisation, paged 8-bit AdamW."
     )

@@ -287,6 +287,19 @@ class TrainingRunPair(SQLModel, table=True):
     role: str = Field(max_length=8, description="new | replay | eval")
 
 
+class TrainingRunExample(SQLModel, table=True):
+    """Which single thumbs (``store.examples``) a run trained on (``new``),
+    evaluated (``eval``) or could not use (``skipped``), with the label the
+    thumb had then: a thumb flipped later is a new example."""
+
+    __tablename__ = "training_run_examples"
+
+    run_id: int = Field(foreign_key="training_runs.id", primary_key=True)
+    feedback_id: int = Field(foreign_key="feedback.id", primary_key=True, index=True)
+    label: bool = Field(description="True: desirable (thumbs up)")
+    role: str = Field(max_length=8, description="new | eval | skipped")
+
+
 class Lease(SQLModel, table=True):
     """A named lock shared by every process that uses the database (one
     retraining cycle at a time, one scheduler per deployment)."""
@@ -296,3 +309,21 @@ class Lease(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     holder: str | None = Field(default=None, max_length=200)
     expires_at: datetime | None = _timestamp(nullable=True)
+
+
+class Correction(SQLModel, table=True):
+    """The answer a user wanted instead of one of the model's answers: one per
+    user per answer, replaced when they correct it again (``store.corrections``).
+    It makes the pair ``content`` (chosen) over the answer (rejected), with
+    source ``correction``; the text lives here, not as a message, so the
+    conversation keeps holding only what was said in it."""
+
+    __tablename__ = "corrections"
+    __table_args__ = (UniqueConstraint("message_id", "user_id", name="uq_corrections_message_user"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: int = Field(foreign_key="messages.id", index=True, description="the model's answer corrected")
+    user_id: int = Field(foreign_key="users.id", index=True)
+    content: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _timestamp()
+    updated_at: datetime = _timestamp(index=True)

@@ -67,6 +67,11 @@ class TrainConfig:
         default=0.5,  # TRL's 0.1 left the preference term too weak next to the NLL on few pairs
         metadata={"help": "ORPO lambda: weight of the odds-ratio term against the NLL of the chosen answer."},
     )
+    kto_beta: float = field(
+        default=0.1,
+        metadata={"help": "KTO beta for single thumbs (trainer.kto): higher keeps the adapter closer to where "
+                  "the KTO stage started. TRL's default."},
+    )
     epochs: float = field(default=3, metadata={"help": "Passes over the training pairs (at most max_steps steps)."})
     batch_size: int = field(default=4, metadata={"help": "Pairs per device per optimizer micro-step."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-steps accumulated into one optimizer step."})
@@ -156,6 +161,8 @@ class TrainConfig:
             problems.append("target_modules must not be empty (use 'all-linear')")
         if self.learning_rate <= 0:
             problems.append(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.kto_beta <= 0:
+            problems.append(f"kto_beta must be positive, got {self.kto_beta}")
         if self.beta < 0:
             problems.append(f"beta must not be negative, got {self.beta}")
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "max_length", "max_prompt_length"):
@@ -189,6 +196,7 @@ class TrainConfig:
             learning_rate=settings.train_learning_rate,
             batch_size=settings.train_batch_size,
             beta=settings.train_beta,
+            kto_beta=settings.train_kto_beta,
             qlora=settings.train_qlora,
             max_lora_rank=settings.max_lora_rank,
             eval_share=settings.eval_share,

@@ -1,9 +1,10 @@
 """One retraining cycle, run in its own process (``python -m trainer run``):
 
-    build pairs -> select new + replay + eval -> set aside pairs the trainer
-    cannot use -> reserve vN -> ORPO on the active adapter -> candidate
-    ``adapters/vN`` -> evaluate candidate and active -> gate -> promote (flip
-    the active version in the database) or reject.
+    build pairs -> select new + replay + eval pairs, and new + eval single
+    thumbs -> set aside what the trainer cannot use -> reserve vN -> ORPO on
+    the pairs, then KTO on the single thumbs, continuing the active adapter ->
+    candidate ``adapters/vN`` -> evaluate candidate and active -> gate ->
+    promote (flip the active version in the database) or reject.
 
 The caller has already created the ``TrainingRun`` row and taken the
 ``retrain`` lease for it (``store.run_lease.open_run``). While this runs, a
@@ -31,6 +32,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from store.db import make_engine, session_scope
+from store.examples import Example, record_examples, select_examples_for_run
 from store.exchange.pair_format import Pair
 from store.pairs import build_pairs
 from store.registry import activate, active_version, register_candidate, reserve_version, version_name
@@ -39,6 +41,7 @@ from store.selection import RunSelection, select_for_run
 from store.settings import Settings
 from store.tables import AdapterVersion, Message, PreferencePair, TrainingRun, TrainingRunPair, utcnow
 from trainer.config import TrainConfig
+from trainer.kto import MIN_EXAMPLES
 
 log = logging.getLogger("tuneloop.trainer")
 
@@ -95,6 +98,27 @@ def _set_aside_unusable(settings: Settings, config: TrainConfig, *groups: list[P
     return problems
 
 
+def _set_aside_unusable_examples(settings: Settings, config: TrainConfig,
+                                 *groups: list[Example]) -> dict[int, str]:
+    """The same for single thumbs, by feedback row."""
+    from transformers import AutoTokenizer
+
+    from trainer.orpo import fitted_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    problems = {}
+    for group in groups:
+        keep = []
+        for example in group:
+            reason = fitted_prompt(example.prompt, tokenizer, config)[1]
+            if reason is None:
+                keep.append(example)
+            else:
+                problems[example.feedback_id] = reason
+        group[:] = keep
+    return problems
+
+
 def _record_selection(session: Session, run_id: int, selection: RunSelection, skipped: dict[int, str]) -> None:
     for role, rows in (("new", selection.new), ("replay", selection.replay), ("eval", selection.eval)):
         for pair in rows:
@@ -144,8 +168,15 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
         skipped |= problems
         eval_pairs, problems = _as_training_pairs(session, selection.eval)
         skipped |= problems
+        thumbs = select_examples_for_run(
+            session, config.eval_share, config.max_pairs_per_user, max_train=config.max_pairs_per_run,
+            max_eval=config.gate_max_eval_pairs, include_anonymous=config.train_on_anonymous, seed=run_id,
+        )
     if new or replay or eval_pairs:
         skipped |= _set_aside_unusable(settings, config, new, replay, eval_pairs)
+    by_feedback = {e.feedback_id: e for e in thumbs.new + thumbs.eval}
+    skipped_thumbs = _set_aside_unusable_examples(settings, config, thumbs.new, thumbs.eval) if by_feedback else {}
+    trains_thumbs = len(thumbs.new) >= MIN_EXAMPLES
     heartbeat.check()
     with session_scope(db) as session:
         pairs_info = {
@@ -153,26 +184,37 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
             "eval": len(eval_pairs), "capped_by_user_limit": selection.capped,
             "deferred_by_step_budget": selection.deferred, "skipped": len(skipped),
         }
+        examples_info = {
+            "new": len(thumbs.new) if trains_thumbs else 0, "waiting": 0 if trains_thumbs else len(thumbs.new),
+            "eval": len(thumbs.eval), "capped_by_user_limit": thumbs.capped,
+            "deferred_by_step_budget": thumbs.deferred, "skipped": len(skipped_thumbs),
+        }
         skipped_info = [{"pair_id": i, "reason": why} for i, why in sorted(skipped.items())[:SKIPPED_SHOWN]]
         run = session.get(TrainingRun, run_id)
-        if not new:
+        record_examples(session, run_id, "skipped", (by_feedback[i] for i in skipped_thumbs))
+        if not new and not trains_thumbs:
             session.add_all(TrainingRunPair(run_id=run_id, pair_id=i, role="skipped") for i in skipped)
             run.status, run.finished_at = "skipped", utcnow()
-            run.metrics = {"pairs": pairs_info, "skipped_pairs": skipped_info,
-                           "reason": "no new pairs since the last promoted run"
-                           + (" that the trainer can use" if skipped else "")}
+            run.metrics = {"pairs": pairs_info, "examples": examples_info, "skipped_pairs": skipped_info,
+                           "reason": "no new pairs (nor two new single thumbs) since the last promoted run"
+                           + (" that the trainer can use" if skipped or skipped_thumbs else "")}
             run.progress = {"phase": "done"}
             session.add(run)
             return "skipped"
         _record_selection(session, run_id, selection, skipped)
+        if trains_thumbs:
+            record_examples(session, run_id, "new", thumbs.new)
+        record_examples(session, run_id, "eval", thumbs.eval)
         row = reserve_version(session, settings.adapters_dir, run_id, parent[0])
         version, out_dir = row.version, Path(row.path)
         run.parent_version = parent[0]
         run.adapter_version = version
-        run.metrics = {"pairs": pairs_info, "skipped_pairs": skipped_info, "steps": []}
+        run.metrics = {"pairs": pairs_info, "examples": examples_info, "skipped_pairs": skipped_info, "steps": []}
         session.add(run)
 
-    result = _train(settings, db, run_id, parent[1], new + replay, out_dir, config, heartbeat)
+    trained = (["pairs"] if new else []) + (["examples"] if trains_thumbs else [])
+    result = _train(settings, db, run_id, parent[1], new + replay, out_dir, config, heartbeat,
+                    thumbs.new if trains_thumbs else [])
 
     with session_scope(db) as session:
         register_candidate(session, version)
@@ -180,7 +222,8 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
         run.progress = {"phase": "evaluating"}
         session.add(run)
 
-    decision, candidate_metrics, active_metrics = _evaluate(settings, parent[1], out_dir, eval_pairs, config)
+    decision, candidate_metrics, active_metrics = _evaluate(
+        settings, parent[1], out_dir, eval_pairs, config, thumbs.eval, trained)
     heartbeat.check()
 
     with session_scope(db) as session:
@@ -215,7 +258,8 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
         return run.status
 
 
-def _train(settings, db, run_id, parent_path, pairs, out_dir: Path, config, heartbeat: Heartbeat) -> dict[str, Any]:
+def _train(settings, db, run_id, parent_path, pairs, out_dir: Path, config, heartbeat: Heartbeat,
+           examples: list[Example]) -> dict[str, Any]:
     from trainer.orpo import train_adapter
 
     steps: list[dict[str, Any]] = []
@@ -232,28 +276,29 @@ def _train(settings, db, run_id, parent_path, pairs, out_dir: Path, config, hear
             session.add(run)
 
     _update_run(db, run_id, progress={"phase": "training", "step": 0})
-    result = train_adapter(settings.model, parent_path, pairs, out_dir, config, on_step=on_step)
+    result = train_adapter(settings.model, parent_path, pairs, out_dir, config, on_step=on_step, examples=examples)
     summary = asdict(result)
     summary.pop("step_metrics", None)
     return summary
 
 
-def _evaluate(settings, active_path, candidate_path, eval_pairs, config):
+def _evaluate(settings, active_path, candidate_path, eval_pairs, config, eval_examples, trained):
     from trainer.evaluate import evaluate_model, gate, load_sanity_set
 
     sanity = load_sanity_set()
-    candidate = evaluate_model(
-        settings.model, str(candidate_path), eval_pairs, sanity, batch_size=config.eval_batch_size
-    )
-    active = evaluate_model(settings.model, active_path, eval_pairs, sanity, batch_size=config.eval_batch_size)
+    scored = {"batch_size": config.eval_batch_size, "eval_examples": eval_examples}
+    candidate = evaluate_model(settings.model, str(candidate_path), eval_pairs, sanity, **scored)
+    active = evaluate_model(settings.model, active_path, eval_pairs, sanity, **scored)
     # The sanity budget is measured from the base model, so drift cannot compound
-    # over promotions (the base needs only the sanity set: a few seconds).
-    base_sanity = active.sanity_nll if active_path is None else evaluate_model(
-        settings.model, None, [], sanity, batch_size=config.eval_batch_size
-    ).sanity_nll
-    decision = gate(candidate, active, config, base_sanity_nll=base_sanity)
+    # over promotions; single thumbs are scored against it too (the base needs
+    # only the sanity set and the held-out thumbs: a few seconds).
+    base = active if active_path is None else evaluate_model(settings.model, None, [], sanity, **scored)
+    labels = [e.label for e in eval_examples]
+    for metrics in (candidate, active):
+        metrics.relative_to_base(base.example_logps, labels)
+    decision = gate(candidate, active, config, base_sanity_nll=base.sanity_nll, trained=trained)
     return (
         {"promote": decision.promote, "reasons": list(decision.reasons), "numbers": decision.numbers},
-        asdict(candidate),
-        asdict(active),
+        candidate.to_dict(),
+        active.to_dict(),
     )

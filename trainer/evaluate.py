@@ -14,20 +14,32 @@ long answer is not penalised for being long.
   short general questions (arithmetic, capitals, definitions) whose answers
   must not get less likely as the adapter learns users' preferences.
 
-With no held-out pairs the pair metrics are ``None`` and the gate refuses to
-promote: the sanity set can only show that nothing broke, never that the
-candidate is better, and an adapter that is not shown to be better is not worth
-a swap.
+Held-out single thumbs (``store.examples``) are scored against the base model,
+as KTO's implied reward: ``reward = logp_model(answer) - logp_base(answer)``
+(per-token means), which takes out how likely an answer is anyway.
+
+- ``example_accuracy``: share of held-out single thumbs the model moved the
+  way the user asked: a thumbs-up answer more likely than under the base
+  model (reward > 0), a thumbs-down one less likely (reward < 0); the base
+  model itself scores 0;
+- ``example_margin``: mean of the reward signed by the label (+ for up, - for down).
+
+With no held-out evidence of what a run trained on (pairs, single thumbs) the
+gate refuses to promote: the sanity set can only show that nothing broke,
+never that the candidate is better, and an adapter that is not shown to be
+better is not worth a swap.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from store.examples import Example
 from store.exchange.pair_format import Pair, render_answer, render_prompt
 from trainer.config import TrainConfig
 
@@ -44,9 +56,29 @@ class EvalMetrics:
     chosen_nll: float | None
     sanity_nll: float
     pairs: int
+    examples: int = 0
+    example_accuracy: float | None = None
+    example_margin: float | None = None
+    # per-token mean log-prob of each held-out single thumb's answer: scored
+    # against the base model's by ``relative_to_base``, not kept in the record
+    example_logps: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        values.pop("example_logps")
+        return values
+
+    def relative_to_base(self, base_logps: list[float], labels: list[bool]) -> None:
+        """Fill ``example_accuracy``/``example_margin`` from the base model's scores
+        of the same held-out single thumbs (see the module doc)."""
+        if not labels:
+            return
+        if not (len(base_logps) == len(labels) == len(self.example_logps)):
+            raise ValueError("score the model and the base model on the same held-out single thumbs")
+        signed = [(mine - base) * (1 if label else -1)
+                  for mine, base, label in zip(self.example_logps, base_logps, labels, strict=True)]
+        self.example_accuracy = sum(value > 0 for value in signed) / len(signed)
+        self.example_margin = sum(signed) / len(signed)
 
 
 @dataclass
@@ -83,12 +115,15 @@ def evaluate_model(
     *,
     batch_size: int = 8,
     max_length: int = 1024,
+    eval_examples: Sequence[Example] = (),
 ) -> EvalMetrics:
     """Score ``base_model`` (plus ``adapter``, a PEFT adapter folder, if given).
 
     ``eval_pairs`` are held-out preference pairs (may be empty: the pair
     metrics are then ``None``); ``sanity`` are conversations as returned by
-    ``load_sanity_set`` (must not be empty). Sequences longer than
+    ``load_sanity_set`` (must not be empty); ``eval_examples`` held-out single
+    thumbs, whose answers' scores land in ``example_logps`` (turned into
+    accuracy and margin by ``EvalMetrics.relative_to_base``). Sequences longer than
     ``max_length`` tokens lose old prompt turns, then the answer's end.
     Runs under ``torch.no_grad``, float32 on CPU.
     """
@@ -102,11 +137,14 @@ def evaluate_model(
         items.append((pair.prompt, pair.rejected, pair.rejected_complete))
     for example in sanity:
         items.append((example["messages"][:-1], example["messages"][-1]["content"]))
+    for thumb in eval_examples:
+        items.append((thumb.prompt, thumb.completion))
     scores = score_answers(model, tokenizer, items, batch_size=batch_size, max_length=max_length)
 
     pair_scores = scores[: 2 * len(eval_pairs)]
     chosen, rejected = pair_scores[0::2], pair_scores[1::2]
-    sanity_scores = scores[2 * len(eval_pairs) :]
+    sanity_scores = scores[2 * len(eval_pairs) : 2 * len(eval_pairs) + len(sanity)]
+    example_scores = scores[2 * len(eval_pairs) + len(sanity) :]
 
     if eval_pairs:
         margins = [c[0] / c[1] - r[0] / r[1] for c, r in zip(chosen, rejected, strict=True)]
@@ -122,6 +160,8 @@ def evaluate_model(
         chosen_nll=chosen_nll,
         sanity_nll=sanity_nll,
         pairs=len(eval_pairs),
+        examples=len(eval_examples),
+        example_logps=[total / max(count, 1) for total, count in example_scores],
     )
 
 
@@ -206,24 +246,29 @@ def _encode(
 
 
 def gate(
-    candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig, base_sanity_nll: float | None = None
+    candidate: EvalMetrics, active: EvalMetrics, config: TrainConfig, base_sanity_nll: float | None = None,
+    trained: Collection[str] = ("pairs",),
 ) -> GateDecision:
     """Decide whether ``candidate`` replaces ``active`` (the adapter in service, or the bare base model).
 
-    Promote only if, on the same held-out pairs, the candidate's preference
-    accuracy is at least the active one's plus ``gate_min_accuracy_gain``, its
-    mean margin is higher by more than ``gate_min_margin_gain``, and its sanity
-    NLL is at most the base model's (``base_sanity_nll``; the active one's if
-    not given) times ``1 + gate_sanity_nll_tolerance``. Anchoring to the base
-    model keeps the drift from compounding: five promotions that each lose 4 %
-    would otherwise add up to 22 %. With zero held-out pairs,
-    never promote. Raises ``ValueError`` if the two were scored on different
-    numbers of pairs (then they cannot be compared).
+    ``trained`` says what the run learned from: ``"pairs"`` and/or
+    ``"examples"`` (single thumbs). Each of those with held-out items must
+    show the candidate better: its accuracy at least the active one's plus
+    ``gate_min_accuracy_gain``, its mean margin higher by more than
+    ``gate_min_margin_gain`` (pairs: chosen over rejected; single thumbs: the
+    reward against the base model, see the module doc). Held-out items of a
+    kind the run did not train on are reported, not gated. And the sanity NLL
+    must be at most the base model's (``base_sanity_nll``; the active one's if
+    not given) times ``1 + gate_sanity_nll_tolerance``: anchoring to the base
+    model keeps the drift from compounding (five promotions that each lose 4 %
+    would otherwise add up to 22 %). With no held-out items of what the run
+    trained on, never promote. Raises ``ValueError`` if the two were scored on
+    different held-out items (then they cannot be compared).
     """
-    if candidate.pairs != active.pairs:
+    if candidate.pairs != active.pairs or candidate.examples != active.examples:
         raise ValueError(
-            f"candidate was scored on {candidate.pairs} held-out pairs and the active adapter on {active.pairs}; "
-            "score both on the same pairs"
+            f"candidate was scored on {candidate.pairs} held-out pairs and {candidate.examples} single thumbs, "
+            f"the active adapter on {active.pairs} and {active.examples}; score both on the same items"
         )
     reference, reference_name = (
         (active.sanity_nll, "active") if base_sanity_nll is None else (base_sanity_nll, "base model")
@@ -238,38 +283,53 @@ def gate(
         "active_margin": active.mean_margin,
         "candidate_chosen_nll": candidate.chosen_nll,
         "active_chosen_nll": active.chosen_nll,
+        "examples": candidate.examples,
+        "candidate_example_accuracy": candidate.example_accuracy,
+        "active_example_accuracy": active.example_accuracy,
+        "required_example_accuracy": None,
+        "candidate_example_margin": candidate.example_margin,
+        "active_example_margin": active.example_margin,
         "candidate_sanity_nll": candidate.sanity_nll,
         "active_sanity_nll": active.sanity_nll,
         "base_sanity_nll": base_sanity_nll,
         "max_sanity_nll": max_sanity,
     }
     failures = []
-    scores = [candidate.sanity_nll, candidate.preference_accuracy, candidate.mean_margin, candidate.chosen_nll]
+    scores = [candidate.sanity_nll, candidate.preference_accuracy, candidate.mean_margin, candidate.chosen_nll,
+              candidate.example_margin]
     if any(value is not None and not math.isfinite(value) for value in scores):
         failures.append("the candidate's scores are not finite numbers (NaN or infinite weights?); it is broken")
-    if candidate.pairs == 0 or candidate.preference_accuracy is None or active.preference_accuracy is None:
+    kinds = [
+        ("pairs", "held-out pairs", "preference accuracy", "chosen-vs-rejected margin", candidate.pairs,
+         candidate.preference_accuracy, active.preference_accuracy, candidate.mean_margin, active.mean_margin,
+         "required_accuracy"),
+        ("examples", "held-out single thumbs", "accuracy", "reward margin over the base model", candidate.examples,
+         candidate.example_accuracy, active.example_accuracy, candidate.example_margin, active.example_margin,
+         "required_example_accuracy"),
+    ]
+    evidence = []
+    for kind, where, accuracy_name, margin_name, count, cand_acc, act_acc, cand_margin, act_margin, key in kinds:
+        if kind not in trained or count == 0 or cand_acc is None or act_acc is None:
+            continue
+        evidence.append(f"{where}: {accuracy_name} {cand_acc:.3f} vs {act_acc:.3f}, "
+                        f"margin {_fmt(cand_margin)} vs {_fmt(act_margin)}")
+        required = act_acc + config.gate_min_accuracy_gain
+        numbers[key] = required
+        if cand_acc < required - FLOAT_SLACK:
+            failures.append(
+                f"{accuracy_name} on {where} is {cand_acc:.3f}, below the required {required:.3f} "
+                f"(active {act_acc:.3f} + minimum gain {config.gate_min_accuracy_gain:.3f})"
+            )
+        if cand_margin is None or act_margin is None or not (cand_margin > act_margin + config.gate_min_margin_gain):
+            failures.append(
+                f"mean {margin_name} on {where} did not grow by more than {config.gate_min_margin_gain:g} "
+                f"({_fmt(cand_margin)} vs active {_fmt(act_margin)})"
+            )
+    if not evidence:
         failures.append(
-            "no held-out pairs yet: without them there is no evidence the candidate answers better, "
-            "so it is not promoted"
+            "no held-out pairs or single thumbs of what this run trained on yet: without them there is no "
+            "evidence the candidate answers better, so it is not promoted"
         )
-    else:
-        required = active.preference_accuracy + config.gate_min_accuracy_gain
-        numbers["required_accuracy"] = required
-        if candidate.preference_accuracy < required - FLOAT_SLACK:
-            failures.append(
-                f"preference accuracy on held-out pairs is {candidate.preference_accuracy:.3f}, "
-                f"below the required {required:.3f} (active {active.preference_accuracy:.3f}"
-                f" + minimum gain {config.gate_min_accuracy_gain:.3f})"
-            )
-        if (
-            candidate.mean_margin is None
-            or active.mean_margin is None
-            or not (candidate.mean_margin > active.mean_margin + config.gate_min_margin_gain)
-        ):
-            failures.append(
-                f"mean chosen-vs-rejected margin did not grow by more than {config.gate_min_margin_gain:g} "
-                f"({_fmt(candidate.mean_margin)} vs active {_fmt(active.mean_margin)})"
-            )
     if candidate.sanity_nll > max_sanity + FLOAT_SLACK:
         failures.append(
             f"general answers got worse: sanity-set NLL is {candidate.sanity_nll:.4f}, above the allowed "
@@ -280,9 +340,8 @@ def gate(
     return GateDecision(
         promote=True,
         reasons=[
-            f"candidate is better on held-out pairs (accuracy {candidate.preference_accuracy:.3f} vs "
-            f"{active.preference_accuracy:.3f}, margin {candidate.mean_margin:.4f} vs {active.mean_margin:.4f}) "
-            f"and general answers held up (sanity NLL {candidate.sanity_nll:.4f} vs {active.sanity_nll:.4f})"
+            f"candidate is better on {'; '.join(evidence)}; and general answers held up "
+            f"(sanity NLL {candidate.sanity_nll:.4f} vs {active.sanity_nll:.4f})"
         ],
         numbers=numbers,
     )

@@ -21,13 +21,14 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from store.adapter_files import check_servable
+from store.examples import Example
 from store.exchange.pair_format import Pair, render_answer, render_prompt
 from trainer.config import TrainConfig
 
@@ -43,7 +44,8 @@ class TrainResult:
     ``train_tokens`` counts the non-padding tokens fed to the model: prompt +
     chosen answer and prompt + rejected answer for every pair pass (ORPO runs
     the prompt once with each answer). ``seconds`` is the training loop only,
-    without model loading or saving.
+    without model loading or saving. ``steps`` and ``seconds`` include the KTO
+    stage on single thumbs, if any; ``kto`` says what that stage did.
     """
 
     steps: int
@@ -53,6 +55,8 @@ class TrainResult:
     step_metrics: list[dict[str, Any]] = field(default_factory=list)
     pairs_per_second: float = 0.0
     tokens_per_second: float = 0.0
+    examples: int = 0
+    kto: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,8 +69,12 @@ def train_adapter(
     out_dir: Path,
     config: TrainConfig,
     on_step: Callable[[dict], None] | None = None,
+    examples: Sequence[Example] = (),
 ) -> TrainResult:
-    """Train a candidate adapter with ORPO and save it into ``out_dir``.
+    """Train a candidate adapter with ORPO on ``pairs``, then KTO on
+    ``examples`` (single thumbs, ``trainer.kto``), and save it into ``out_dir``.
+    The run's step budget (``step_budget`` of pairs + examples) is shared by
+    the two stages in proportion to their sizes.
 
     ``base_model`` is a local Hugging Face model folder (or hub id where a hub
     is reachable). With ``parent_adapter`` None a fresh LoRA is created
@@ -88,28 +96,47 @@ def train_adapter(
     when complete.
 
     Raises ``FileExistsError`` if ``out_dir`` exists (adapter folders are
-    immutable), ``ValueError`` for no pairs or QLoRA without a GPU, and
+    immutable), ``ValueError`` for nothing to train on (no pairs and fewer than
+    two examples), and
     ``RuntimeError`` if the saved adapter is something vLLM cannot serve.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"adapter folder {out_dir} already exists; adapter folders are immutable, pick a new one")
-    if not pairs:
-        raise ValueError("no preference pairs to train on")
+    from trainer import kto
+
+    examples = list(examples) if len(examples) >= kto.MIN_EXAMPLES else []
+    if not pairs and not examples:
+        raise ValueError(f"nothing to train on: no preference pairs and fewer than {kto.MIN_EXAMPLES} single thumbs")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
     from transformers import AutoTokenizer
 
     use_gpu = _use_gpu(config)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    dataset = build_dataset(pairs, tokenizer, config)
+    dataset = build_dataset(pairs, tokenizer, config) if pairs else None
+    kto_dataset = kto.build_dataset(examples, tokenizer, config) if examples else None
     model = build_model(base_model, parent_adapter, config, use_gpu)
+    orpo_steps, kto_steps = stage_steps(config, len(pairs), len(examples))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        result = train(model, tokenizer, dataset, config, use_gpu, staging / "_trainer", on_step)
+        total = orpo_steps + kto_steps
+        if dataset is not None:
+            result = train(model, tokenizer, dataset, config, use_gpu, staging / "_trainer", on_step,
+                           max_steps=orpo_steps, total_steps=total)
+        else:
+            result = TrainResult(steps=0, seconds=0.0, train_tokens=0, pairs=0)
+        if kto_dataset is not None:
+            stage = kto.train(model, tokenizer, kto_dataset, config, use_gpu, staging / "_trainer_kto",
+                              max_steps=kto_steps, on_step=on_step, step_offset=result.steps, total_steps=total)
+            result.steps += stage["steps"]
+            result.seconds = round(result.seconds + stage["seconds"], 3)
+            result.step_metrics += stage.pop("step_metrics")
+            result.examples, result.kto = len(examples), stage
         shutil.rmtree(staging / "_trainer", ignore_errors=True)
+        shutil.rmtree(staging / "_trainer_kto", ignore_errors=True)
         save_adapter(model, staging)
         lora = check_servable(staging, config.max_lora_rank)  # refuse what vLLM would refuse
         record = {
@@ -136,12 +163,12 @@ def unusable_reason(pair: Pair, tokenizer: Any, config: TrainConfig) -> str | No
     turns are dropped and the last message is cut (only a system message that
     long can do it) -- TRL would train on an empty answer and the loss would
     turn NaN. The cycle sets such pairs aside before training."""
-    return _fitted_prompt(pair, tokenizer, config)[1]
+    return fitted_prompt(pair.prompt, tokenizer, config)[1]
 
 
-def _fitted_prompt(pair: Pair, tokenizer: Any, config: TrainConfig) -> tuple[str, str | None]:
-    """The training prompt of ``pair``, and why it is unusable (or None)."""
-    prompt = render_prompt(tokenizer, pair.prompt, config.max_prompt_length)
+def fitted_prompt(messages: list[dict[str, str]], tokenizer: Any, config: TrainConfig) -> tuple[str, str | None]:
+    """The training prompt of the chat ``messages``, and why it is unusable (or None)."""
+    prompt = render_prompt(tokenizer, messages, config.max_prompt_length)
     prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if prompt_tokens > config.max_prompt_length:
         return prompt, (
@@ -161,7 +188,7 @@ def build_dataset(pairs: list[Pair], tokenizer: Any, config: TrainConfig) -> Any
 
     rows = []
     for pair in pairs:
-        prompt, reason = _fitted_prompt(pair, tokenizer, config)
+        prompt, reason = fitted_prompt(pair.prompt, tokenizer, config)
         if reason is not None:
             raise ValueError(f"pair {pair.pair_id}: {reason}")
         rows.append(
@@ -219,6 +246,21 @@ def build_model(base_model: str, parent_adapter: str | None, config: TrainConfig
     return model
 
 
+def stage_steps(config: TrainConfig, pairs: int, examples: int) -> tuple[int, int]:
+    """Steps of the ORPO stage and of the KTO stage: the budget of pairs +
+    examples, shared in proportion, at least one step for a stage with data
+    (-1 budget: each stage its epochs)."""
+    budget = step_budget(config, pairs + examples)
+    if budget < 0:
+        return (step_budget(config, pairs) if pairs else 0), (step_budget(config, examples) if examples else 0)
+    if not examples:
+        return budget, 0
+    if not pairs:
+        return 0, budget
+    orpo = min(budget - 1, max(1, round(budget * pairs / (pairs + examples))))
+    return max(1, orpo), max(1, budget - orpo)
+
+
 def step_budget(config: TrainConfig, pairs: int) -> int:
     """Optimizer steps for ``pairs`` training pairs: ``epochs`` passes, but at
     most ``max_steps`` (a few pairs get their passes, a big night is capped so a
@@ -236,8 +278,11 @@ def train(
     use_gpu: bool,
     scratch_dir: Path,
     on_step: Callable[[dict], None] | None = None,
+    max_steps: int | None = None,
+    total_steps: int = 0,
 ) -> TrainResult:
-    """Run TRL's ORPO trainer on ``model`` in place and report what it did."""
+    """Run TRL's ORPO trainer on ``model`` in place (``max_steps``: default
+    ``step_budget``; ``total_steps``: the run's, for progress) and report what it did."""
     from transformers import PrinterCallback, TrainerCallback
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -246,7 +291,7 @@ def train(
         learning_rate=config.learning_rate,
         beta=config.beta,
         num_train_epochs=config.epochs,
-        max_steps=step_budget(config, len(dataset)),
+        max_steps=step_budget(config, len(dataset)) if max_steps is None else max_steps,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         max_length=config.max_length,
@@ -277,7 +322,8 @@ def train(
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
                 return  # the end-of-training summary, not a step
-            entry = {**logs, "step": state.global_step, "total_steps": state.max_steps}
+            entry = {**logs, "stage": "orpo", "step": state.global_step,
+                     "total_steps": total_steps or state.max_steps}
             step_metrics.append(entry)
             if on_step is not None:
                 on_step(dict(entry))

@@ -1,5 +1,7 @@
 """A/B API: ``POST /api/comparisons`` answers one context twice;
-``POST /api/comparisons/{id}/choice`` records which answer was better."""
+``POST /api/messages/{id}/retry`` answers an answer's question again and sets
+the two side by side; ``POST /api/comparisons/{id}/choice`` records which
+answer was better."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from server.deps import (
 from server.engine.base import SamplingSettings
 from server.errors import ApiError
 from server.schemas import ChoiceIn, ComparisonIn, validate_chat
-from store.conversations import start_turn
+from store.conversations import start_retry, start_turn
 from store.db import session_scope
 from store.feedback import Choice
 from store.settings import Settings
@@ -79,6 +81,40 @@ async def create_comparison(
         done_a, done_b = await asyncio.gather(answers.complete(ids[1], lease), answers.complete(ids[2], lease))
     finally:
         lease.close()  # normally a no-op (each answer gave its slot back); never leaks on a failure
+    return {"id": ids[0], "a": _answer_json(done_a), "b": _answer_json(done_b)}
+
+
+def _store_retry(db: Engine, settings: Settings, user_id: int, message_id: int, sampling: dict) -> tuple[int, int, int]:
+    """Store the new pending answer and its comparison with ``message_id``; the
+    ids of the comparison, A (the answer) and B (the new one)."""
+    with session_scope(db) as session:
+        turn = start_retry(session, session.get(User, user_id), message_id, sampling, max_turns=settings.max_turns)
+        return turn.comparison.id, turn.answers[0].id, turn.answers[1].id
+
+
+@router.post("/messages/{message_id}/retry", dependencies=[rate_limited("chat")])
+async def retry(
+    message_id: int, user: CurrentUser, settings: SettingsDep, answers: AnswersDep, engine: EngineDep,
+    slots: GenerationSlotsDep,
+) -> dict:
+    """Answer the question of answer ``message_id`` again: the same shape as
+    ``POST /api/comparisons`` (A is the answer, B the new one); choose with
+    ``POST /api/comparisons/{id}/choice``."""
+    if not engine.ready:
+        raise ApiError(503, "the model engine is starting or restarting; retry shortly")
+    lease = slots.take(user.id)
+    try:
+        ids = await run_in_threadpool(
+            _store_retry, answers.db, settings, user.id, message_id, answers.web_sampling().to_json()
+        )
+    except BaseException:
+        lease.close()
+        raise
+    try:
+        done_b = await answers.complete(ids[2], lease)
+    finally:
+        lease.close()
+    done_a = await run_in_threadpool(answers.stored, ids[1])
     return {"id": ids[0], "a": _answer_json(done_a), "b": _answer_json(done_b)}
 
 

@@ -1,4 +1,5 @@
-"""The browser UI: conversation list, chat page, streamed answers, thumbs, A/B.
+"""The browser UI: conversation list, chat page, streamed answers, thumbs, A/B,
+and after a thumbs-down "try again" (the two answers side by side) and corrections.
 
 Every page works without JavaScript (forms post, the server answers in full and
 redirects); htmx upgrades it: the turn is appended in place and the answer
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from datetime import datetime, timezone
 from html import escape
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -52,9 +54,11 @@ from store.conversations import (
     owned_message,
     set_leaf,
     siblings,
+    start_retry,
     start_turn,
     thread,
 )
+from store.corrections import CorrectionRecorded, CorrectionWrite, corrections_by_message
 from store.feedback import Choice, Thumb
 from store.settings import Settings
 from store.tables import Comparison, Conversation, Message, User
@@ -68,12 +72,13 @@ ContentForm = Annotated[str, Form(max_length=100_000)]
 
 
 def message_view(session: Session, user: User, message: Message, conversation: Conversation) -> dict:
-    """What a message's fragment needs: feedback, siblings, whether it's the leaf."""
+    """What a message's fragment needs: feedback, correction, siblings, whether it's the leaf."""
     sibs = siblings(session, message) if message.role == "assistant" else [message]
     feedback = feedback_by_message(session, user, [message.id]).get(message.id)
     return {
         "m": message,
         "feedback": feedback,
+        "correction": corrections_by_message(session, user, [message.id]).get(message.id),
         "sibling_ids": [s.id for s in sibs],
         "sibling_index": [s.id for s in sibs].index(message.id) + 1,
         "is_leaf": conversation.current_leaf_id == message.id,
@@ -104,7 +109,19 @@ def comparison_view(session: Session, user: User, comparison: Comparison, conver
         "c": comparison,
         "a": message_view(session, user, a, conversation),
         "b": message_view(session, user, b, conversation),
+        "retry": _is_retry(a, b),
     }
+
+
+def _is_retry(a: Message, b: Message) -> bool:
+    """Whether B was asked for after A had finished ("try again", ``start_retry``)
+    rather than beside it (an A/B turn, whose two answers are stored together)."""
+    return a.completed_at is not None and _utc(b.created_at) >= _utc(a.completed_at)
+
+
+def _utc(moment: datetime) -> datetime:
+    """Naive UTC: SQLite hands back naive datetimes (stored as UTC), new rows and PostgreSQL aware ones."""
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 def _in_open_comparison(session: Session, message: Message) -> Comparison | None:
@@ -326,6 +343,32 @@ async def regenerate(
     return RedirectResponse(f"/c/{conversation.id}", status_code=303)
 
 
+def _add_retry(
+    session: Session, settings: Settings, user: User, message_id: int, answers: AnswerService
+) -> tuple[dict, Conversation]:
+    """Store a new pending answer beside answer ``message_id`` as a comparison
+    (``store.conversations.start_retry``); its view and the conversation."""
+    turn = start_retry(session, user, message_id, answers.web_sampling().to_json(), max_turns=settings.max_turns)
+    view = comparison_view(session, user, turn.comparison, turn.conversation)
+    session.commit()
+    return view, turn.conversation
+
+
+@router.post("/answers/{message_id}/retry", dependencies=[rate_limited("chat", page=True)])
+async def retry_answer(
+    message_id: int, request: Request, user: BrowserUser, session: SessionDep,
+    settings: SettingsDep, answers: AnswersDep, slots: GenerationSlotsDep, render: PageRender,
+) -> Response:
+    """After a thumbs-down: answer the same question again and ask which of the
+    two is better (the choice form posts to ``/comparisons/{id}/choice``)."""
+    slots.check(user.id)
+    view, conversation = await run_in_threadpool(_add_retry, session, settings, user, message_id, answers)
+    if is_htmx(request):
+        return await run_in_threadpool(render, "_comparison.html", {"user": user, **view})
+    await answers.complete(view["b"]["m"].id, slots.take(user.id))
+    return RedirectResponse(f"/c/{conversation.id}", status_code=303)
+
+
 @router.post("/answers/{message_id}/select")
 def select_branch(message_id: int, user: BrowserUser, session: SessionDep) -> Response:
     """Show another regeneration of an answer (and the conversation that followed it)."""
@@ -375,6 +418,20 @@ async def choose(
             _view_fragment, db, user, recorded.chosen_id, render, "_message.html", {"choice": winner}
         )
     return RedirectResponse(f"/c/{recorded.conversation_id}", status_code=303)
+
+
+@router.post("/answers/{message_id}/correction", dependencies=[rate_limited("feedback", page=True)])
+async def correct_answer(
+    message_id: int, request: Request, user: BrowserUser, db: DbDep, settings: SettingsDep,
+    ingest: FeedbackIngestDep, metrics: MetricsDep, render: PageRender, content: ContentForm = "",
+) -> Response:
+    """The answer the user wanted instead (``store.corrections``)."""
+    write = CorrectionWrite(user.id, message_id, content, settings.max_message_chars)
+    recorded = cast(CorrectionRecorded, await ingest.record(write))
+    metrics.feedback("correction")
+    if is_htmx(request):
+        return await run_in_threadpool(_view_fragment, db, user, message_id, render, "_feedback.html")
+    return RedirectResponse(f"/c/{recorded.conversation_id}#message-{message_id}", status_code=303)
 
 
 def _view_fragment(

@@ -59,7 +59,7 @@ def test_gate_refuses_without_held_out_pairs():
     empty = EvalMetrics(preference_accuracy=None, mean_margin=None, chosen_nll=None, sanity_nll=1.0, pairs=0)
     decision = gate(empty, empty, TrainConfig())
     assert not decision.promote
-    assert any("no held-out pairs yet" in reason for reason in decision.reasons)
+    assert any("no held-out pairs or single thumbs" in reason for reason in decision.reasons)
 
 
 def test_gate_rejects_metrics_from_different_pair_sets():
@@ -84,3 +84,57 @@ def test_gate_rejects_a_candidate_with_nan_scores():
     active = EvalMetrics(preference_accuracy=0.5, mean_margin=0.1, chosen_nll=1.0, sanity_nll=1.0, pairs=4)
     decision = gate(candidate, active, TrainConfig(gate_min_margin_gain=-1e9, gate_sanity_nll_tolerance=100))
     assert not decision.promote and any("not finite" in r for r in decision.reasons)
+
+
+# --- single thumbs (store.examples): scored against the base model ----------
+
+
+def thumbs_metrics(logps, sanity=1.0, pairs=0) -> EvalMetrics:
+    return EvalMetrics(preference_accuracy=None, mean_margin=None, chosen_nll=None, sanity_nll=sanity, pairs=pairs,
+                       examples=len(logps), example_logps=list(logps))
+
+
+def test_single_thumbs_are_scored_as_moves_from_the_base_model():
+    base, labels = [-2.0, -2.0, -3.0, -3.0], [True, True, False, False]
+    model = thumbs_metrics([-1.5, -2.5, -3.5, -3.0])  # up: +0.5 (right), -0.5 (wrong); down: -0.5 (right), 0 (tie)
+    model.relative_to_base(base, labels)
+    assert model.example_accuracy == pytest.approx(0.5)
+    assert model.example_margin == pytest.approx((0.5 - 0.5 + 0.5 + 0.0) / 4)
+    itself = thumbs_metrics(base)
+    itself.relative_to_base(base, labels)
+    assert (itself.example_accuracy, itself.example_margin) == (0.0, 0.0)
+    assert "example_logps" not in model.to_dict()
+    with pytest.raises(ValueError):
+        model.relative_to_base(base[:3], labels[:3])
+
+
+def scored(logps, base, labels, sanity=1.0):
+    metrics = thumbs_metrics(logps, sanity)
+    metrics.relative_to_base(base, labels)
+    return metrics
+
+
+def test_gate_promotes_on_single_thumbs_a_run_trained_on():
+    base, labels = [-2.0, -2.0, -3.0], [True, True, False]
+    candidate, active = scored([-1.0, -1.5, -3.5], base, labels), scored(base, base, labels)
+    decision = gate(candidate, active, TrainConfig(), base_sanity_nll=1.0, trained=("examples",))
+    assert decision.promote, decision.reasons
+    assert decision.numbers["candidate_example_accuracy"] == 1.0 and "single thumbs" in decision.reasons[0]
+    worse = scored([-2.5, -2.5, -2.0], base, labels)
+    refused = gate(worse, active, TrainConfig(), base_sanity_nll=1.0, trained=("examples",))
+    assert not refused.promote and any("single thumbs" in r for r in refused.reasons)
+
+
+def test_gate_judges_only_what_the_run_trained_on():
+    """Held-out thumbs of a run that trained on pairs only are reported, not
+    gated; a run that trained on thumbs with none held out has no evidence."""
+    base, labels = [-2.0, -3.0], [True, False]
+    pairs_better = EvalMetrics(0.8, 0.5, 1.0, 1.0, 10, examples=2, example_logps=[-2.5, -2.0])
+    pairs_active = EvalMetrics(0.6, 0.1, 1.0, 1.0, 10, examples=2, example_logps=list(base))
+    for metrics in (pairs_better, pairs_active):
+        metrics.relative_to_base(base, labels)
+    assert gate(pairs_better, pairs_active, TrainConfig(), trained=("pairs",)).promote
+    assert not gate(pairs_better, pairs_active, TrainConfig(), trained=("pairs", "examples")).promote
+    no_thumbs_held_out = gate(thumbs_metrics([]), thumbs_metrics([]), TrainConfig(), trained=("examples",))
+    assert not no_thumbs_held_out.promote
+    assert any("no held-out pairs or single thumbs" in r for r in no_thumbs_held_out.reasons)

@@ -1,6 +1,7 @@
 """What users said, on the admin dashboard: the feedback overview (the
-dashboard's home), conversations with their feedback, and the preference pairs
-built from it. Their data leaves as files through ``datasets``.
+dashboard's home), conversations with their feedback and corrections, and the
+preference pairs built from it (each one can be excluded from training here).
+Their data leaves as files through ``datasets``.
 
 Server-rendered pages that work without JavaScript (forms and links); htmx
 upgrades them: filter forms swap only the results and push the URL. Full pages
@@ -9,10 +10,12 @@ extend ``admin/base.html``; fragments are ``admin/_name.html``.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from datetime import datetime, timezone
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlmodel import Session, col, func, select
 
 from server import admin_views
 from server.deps import AdminPage, AdminRender, SessionDep
@@ -20,7 +23,8 @@ from server.errors import ApiError
 from server.plots import daily_feedback_chart
 from server.rendering import wants_fragment
 from server.routes.admin.dashboard import pages_router
-from store.tables import Conversation
+from store.pairs import SOURCES
+from store.tables import Conversation, Correction, Message
 
 pages = pages_router()
 
@@ -55,6 +59,7 @@ def feedback_overview(
         "nav": "feedback",
         "filters": filters,
         "stats": stats,
+        "corrections": _count_corrections(session, filters),
         "chart": _daily_chart(stats) if stats.ratings else None,
         "adapters": admin_views.adapter_choices(session),
         "file_formats": FILE_FORMATS,
@@ -63,6 +68,17 @@ def feedback_overview(
     if wants_fragment(request, "feedback-results"):
         return render("_feedback_results.html", context, admin, status)
     return render("feedback.html", context, admin, status)
+
+
+def _count_corrections(session: Session, filters: admin_views.Filters) -> int:
+    """Corrections last changed in the filters' date range, of answers by the filtered adapter."""
+    query = (
+        select(func.count()).select_from(Correction).join(Message, col(Message.id) == Correction.message_id)
+        .where(Correction.updated_at >= filters.since, Correction.updated_at < filters.until)
+    )
+    if filters.adapter:
+        query = query.where(Message.adapter_version == filters.adapter_value)
+    return session.exec(query).one()
 
 
 def _daily_chart(stats: admin_views.FeedbackStats):
@@ -100,7 +116,19 @@ def conversation_view(conversation_id: int, admin: AdminPage, session: SessionDe
     if conversation is None:
         raise ApiError(404, f"conversation {conversation_id} not found")
     detail = admin_views.conversation_detail(session, conversation)
-    return render("conversation.html", {"nav": "conversations", "d": detail}, admin)
+    return render("conversation.html", {"nav": "conversations", "d": detail,
+                                        "corrections": _corrections_of(session, conversation)}, admin)
+
+
+def _corrections_of(session: Session, conversation: Conversation) -> dict[int, list[Correction]]:
+    """The conversation's corrections, by the answer they correct."""
+    found: dict[int, list[Correction]] = defaultdict(list)
+    for correction in session.exec(
+        select(Correction).join(Message, col(Message.id) == Correction.message_id)
+        .where(Message.conversation_id == conversation.id).order_by(col(Correction.id))
+    ).all():
+        found[correction.message_id].append(correction)
+    return dict(found)
 
 
 # --- pairs -------------------------------------------------------------------------
@@ -110,6 +138,7 @@ def conversation_view(conversation_id: int, admin: AdminPage, session: SessionDe
 def pairs(
     request: Request, admin: AdminPage, session: SessionDep, render: AdminRender,
     split: str | None = None, source: str | None = None, run: str | None = None, page: str | None = None,
+    done: str | None = None,
 ) -> HTMLResponse:
     split_value = split if split in ("train", "eval") else ""
     run_id = int(run) if run and run.isdigit() else None
@@ -118,8 +147,9 @@ def pairs(
     context = {
         "nav": "pairs", "rows": rows, "page": number, "has_next": has_next,
         "split": split_value, "source": (source or "").strip(), "run_id": run_id,
-        "sources": admin_views.pair_sources(session),
+        "sources": sorted(set(SOURCES) | set(admin_views.pair_sources(session))),
         "pair_exports": PAIR_EXPORTS, "file_formats": FILE_FORMATS,
+        "notice": {"kind": "ok", "text": done[:200]} if done else None,
     }
     if wants_fragment(request, "pair-results"):
         return render("_pair_results.html", context, admin)
