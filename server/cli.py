@@ -346,7 +346,8 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> None:
         raise CliError(exc.message) from exc
     except (ValueError, OSError) as exc:
         raise CliError(f"export failed: {exc}") from exc
-    what = "feedback records" if args.format == "feedback" else f"pairs (split {args.split})"
+    what = {"feedback": "feedback records", "trl-unpaired": f"single thumbs (split {args.split})"}.get(
+        args.format, f"pairs (split {args.split})")
     print(f"exported {report.rows} {what} as {args.format} {file_format} to {report.path}")
     for extra in report.extra_files:
         print(f"wrote {extra}")
@@ -465,15 +466,18 @@ def build_parser() -> argparse.ArgumentParser:
     exclude.add_argument("--undo", action="store_true", help="include it again")
     exclude.set_defaults(handler=cmd_exclude)
 
+    from store.exchange.export import EXPORT_FORMATS
+
     export = commands.add_parser(
         "export", help="write the preference pairs (or raw feedback) as a dataset file",
         description="Write the preference pairs in the shape TRL, Axolotl or LLaMA-Factory reads "
         "(or the raw feedback), as JSONL or Parquet. Pairs an admin excluded are left out.",
     )
     export.add_argument(
-        "--format", required=True, choices=("trl", "axolotl", "llamafactory", "feedback"),
+        "--format", required=True, choices=EXPORT_FORMATS,
         help="trl: prompt/chosen/rejected messages; axolotl: chat_template.default; "
-        "llamafactory: sharegpt + dataset_info.json; feedback: raw thumbs and A/B choices",
+        "llamafactory: sharegpt + dataset_info.json; trl-unpaired: single thumbs (answers rated with no "
+        "sibling to pair with) as prompt/completion/label for TRL's KTOTrainer; feedback: raw thumbs and A/B choices",
     )
     export.add_argument(
         "--file-format", choices=("jsonl", "parquet"),

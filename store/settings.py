@@ -177,7 +177,8 @@ class Settings(BaseSettings):
         "TRL's default."
     )
     train_qlora: bool = Field(
-        False, description="QLoRA on GPU: 4-bit nf4 base, double quantisation, paged 8-bit AdamW."
+        False, description="QLoRA (bitsandbytes, GPU or CPU): 4-bit nf4 base, double quantisation, 8-bit AdamW "
+        "(paged on a GPU); the adapter it saves is an ordinary float LoRA."
     )
     gate_min_accuracy_gain: float = Field(
         0.0, description="Preference accuracy the candidate must gain over the active adapter."

@@ -94,8 +94,9 @@ class TrainConfig:
     qlora: bool = field(
         default=False,
         metadata={
-            "help": "Load the base model in 4-bit nf4 with double quantisation and train with paged_adamw_8bit "
-            "(bitsandbytes). GPU only; refused on CPU."
+            "help": "QLoRA (bitsandbytes): load the base model in 4-bit nf4 with double quantisation and train the "
+            "LoRA with 8-bit AdamW (paged_adamw_8bit on a GPU, adamw_bnb_8bit on the CPU). Works on GPU and CPU; "
+            "the saved adapter is an ordinary float LoRA for the unquantised model."
         },
     )
     eval_share: float = field(

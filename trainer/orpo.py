@@ -211,19 +211,21 @@ def build_model(base_model: str, parent_adapter: str | None, config: TrainConfig
     if config.qlora:
         from transformers import BitsAndBytesConfig
 
+        compute_dtype = torch.bfloat16 if use_gpu else torch.float32
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute_dtype,
         )
         base = AutoModelForCausalLM.from_pretrained(
             base_model,
             quantization_config=quantization,
-            dtype=torch.bfloat16,
-            device_map={"": torch.cuda.current_device()},
+            dtype=compute_dtype,
+            device_map={"": torch.cuda.current_device() if use_gpu else "cpu"},
         )
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+        # Recomputing activations saves GPU memory; on the CPU it only costs time.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=use_gpu)
     else:
         base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.bfloat16 if use_gpu else torch.float32)
 
@@ -301,7 +303,9 @@ def train(
         weight_decay=0.0,
         # TRL's disable_dropout would also zero the LoRA dropout the config asks for.
         disable_dropout=config.lora_dropout == 0.0,
-        optim="paged_adamw_8bit" if config.qlora else "adamw_torch",
+        # Paging moves optimizer state between GPU and host memory; on the CPU
+        # bitsandbytes falls back to plain 8-bit AdamW with a warning, so ask for that.
+        optim=("paged_adamw_8bit" if use_gpu else "adamw_bnb_8bit") if config.qlora else "adamw_torch",
         bf16=use_gpu,
         fp16=False,
         use_cpu=not use_gpu,
@@ -372,19 +376,27 @@ def _publish(staging: Path, out_dir: Path) -> None:
 
 
 def _use_gpu(config: TrainConfig) -> bool:
+    """Train on the GPU where there is one. QLoRA runs on either: bitsandbytes
+    has CPU kernels for nf4 and its 8-bit optimizers; without bitsandbytes a
+    QLoRA run fails here, before any model is loaded."""
     import torch
 
-    use_gpu = torch.cuda.is_available()
-    if config.qlora and not use_gpu:
-        raise ValueError("qlora=True needs a CUDA GPU (bitsandbytes 4-bit); set qlora=False to train on CPU")
-    return use_gpu
+    if config.qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(
+                "qlora=True needs bitsandbytes, which is not installed: run scripts/setup.sh (it installs it) "
+                "or set TUNELOOP_TRAIN_QLORA=false"
+            ) from exc
+    return torch.cuda.is_available()
 
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("torch", "transformers", "trl", "peft"):
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:

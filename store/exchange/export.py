@@ -8,6 +8,12 @@ that produced each answer, e.g. ``"v3"``; null for the base model and for
 imported pairs) and ``created_at`` (ISO 8601, UTC). Pairs an admin excluded
 from training (by user or message) are left out.
 
+``trl-unpaired`` exports the single thumbs the trainer learns from with KTO
+(``store.examples``: rated answers that made no pair) in TRL's unpaired
+preference format -- ``prompt``/``completion`` messages and a boolean
+``label`` -- with ``feedback_id``, ``split``, ``adapter_version`` and
+``created_at``.
+
 ``feedback`` exports the raw feedback instead, one record per thumb and per
 decided A/B choice (``FEEDBACK_FIELDS``), with the context shown to the model.
 
@@ -28,6 +34,7 @@ from sqlmodel import Session, col, select
 
 from store.conversations import chat_context
 from store.errors import NotFound
+from store.examples import single_thumbs
 from store.exchange.files import FILE_FORMATS, write_records
 from store.exchange.formats import FORMATS, llamafactory_dataset_info, to_record
 from store.exchange.pair_format import Pair
@@ -35,7 +42,8 @@ from store.pairs import build_pairs
 from store.selection import eligible_pairs
 from store.tables import Comparison, Feedback, Message, PreferencePair, User
 
-EXPORT_FORMATS = (*FORMATS, "feedback")
+UNPAIRED = "trl-unpaired"
+EXPORT_FORMATS = (*FORMATS, UNPAIRED, "feedback")
 SPLITS = ("train", "eval", "all")
 DATASET_INFO = "dataset_info.json"
 FEEDBACK_FIELDS = (
@@ -128,11 +136,15 @@ def export_dataset(
     report = ExportReport(path=output, format=fmt, file_format=file_format, split=split)
     if fmt == "feedback":
         rows: Iterable[dict[str, Any]] = list(_feedback_rows(session, since, progress))
+    elif fmt == UNPAIRED:
+        build_pairs(session, eval_share)  # a thumb that makes a pair is no single thumb
+        rows = _unpaired_rows(session, split, since, eval_share, progress)
     else:
         build_pairs(session, eval_share)
         rows = _pair_rows(session, fmt, split, since, progress, report)
     if not rows and file_format == "jsonl":
-        what = "feedback" if fmt == "feedback" else f"pairs in split {split}"
+        what = {"feedback": "feedback", UNPAIRED: f"single thumbs in split {split}"}.get(
+            fmt, f"pairs in split {split}")
         found = (
             f"the {fmt} format cannot hold any of the {report.skipped} pairs, e.g. {report.skipped_reasons[0]}"
             if report.skipped else f"there are no {what}{f' since {since.isoformat()}' if since else ''} yet"
@@ -200,6 +212,29 @@ def _pair_rows(
         )
         rows.append(record)
     return rows
+
+
+def _unpaired_rows(
+    session: Session, split: str, since: datetime | None, eval_share: float, progress: Progress
+) -> list[dict[str, Any]]:
+    examples = [e for e in single_thumbs(session, eval_share, include_anonymous=True)
+                if split == "all" or e.split == split]
+    feedback = {f.id: f for f in session.exec(
+        select(Feedback).where(col(Feedback.id).in_([e.feedback_id for e in examples]))
+    ).all()} if examples else {}
+    versions = _adapter_versions(session, {e.message_id for e in examples})
+    rows = []
+    for example in progress(examples, total=len(examples), desc=f"export {UNPAIRED}"):
+        rated_at = feedback[example.feedback_id].updated_at
+        if since is not None and rated_at is not None and _aware(rated_at) < since:
+            continue
+        rows.append({**example.to_trl(), "feedback_id": example.feedback_id, "split": example.split,
+                     "adapter_version": versions.get(example.message_id), "created_at": _iso(rated_at)})
+    return rows
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 def _adapter_versions(session: Session, message_ids: set[int]) -> dict[int | None, str | None]:
@@ -302,6 +337,12 @@ def _parquet_schema(fmt: str) -> Any:
         ("chosen_adapter_version", pa.string()), ("rejected_adapter_version", pa.string()),
         ("created_at", pa.string()),
     ]
+    if fmt == UNPAIRED:
+        return pa.schema([
+            ("prompt", pa.list_(message)), ("completion", pa.list_(message)), ("label", pa.bool_()),
+            ("feedback_id", pa.int64()), ("split", pa.string()), ("adapter_version", pa.string()),
+            ("created_at", pa.string()),
+        ])
     if fmt == "trl":
         fields = [("prompt", pa.list_(message)), ("chosen", pa.list_(message)), ("rejected", pa.list_(message))]
     elif fmt == "axolotl":

@@ -505,3 +505,35 @@ def test_a_dead_engine_answers_unavailable_then_restarts_itself(
     finally:
         run(engine.serve(None))
     assert run(collect(engine, HELLO))[-1].finished
+
+
+def test_a_qlora_adapter_trained_on_the_cpu_loads_and_changes_the_answers(
+    engine: VllmChatEngine, run, tmp_path: Path
+) -> None:
+    """QLoRA trains on a 4-bit base but saves a float LoRA: the engine serves it
+    like any other version (merged into the float weights, or as a LoRA)."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (scripts/setup.sh installs it)")
+    from tests.trainer.test_trainer_core import make_pairs
+    from trainer.config import TrainConfig
+    from trainer.orpo import train_adapter
+
+    pairs = make_pairs()
+    # Two passes over eight pairs at a high learning rate: enough to move greedy answers every time.
+    config = TrainConfig(
+        qlora=True, max_length=128, max_prompt_length=96, batch_size=2, max_steps=8, learning_rate=2e-3
+    )
+    train_adapter(engine.model, None, pairs, tmp_path / "qlora", config)
+    qlora = AdapterRef("engine-test-qlora", 903, str(tmp_path / "qlora"))
+
+    def answers(adapter: AdapterRef | None) -> list[str]:
+        return [text_of(run(collect(engine, pair.prompt, adapter=adapter))) for pair in pairs]
+
+    base = answers(None)
+    try:
+        run(engine.load_adapter(qlora))
+        run(engine.serve(qlora))  # merged mode merges it; LoRA mode: requests name it
+        tuned = answers(qlora)
+    finally:
+        run(engine.serve(None))
+    assert [i for i in range(len(pairs)) if tuned[i] != base[i]], f"the QLoRA adapter changed no answer: {base}"
+    assert answers(None) == base

@@ -130,3 +130,70 @@ def test_one_orpo_step_on_the_trl_export(store, tmp_path):
     assert logged and math.isfinite(logged[0]["loss"]) and math.isfinite(logged[0]["log_odds_ratio"])
     after = dict(trainer.model.named_parameters())
     assert any(after[name].detach().any() for name in lora_b), "one ORPO step changed no LoRA weight"
+
+
+@pytest.fixture(scope="module")
+def single_thumbs_store(tmp_path_factory):
+    """Four answers, each rated alone (two up, two down): no pair, four single thumbs."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with session_scope(engine) as s:
+        user = User(kind="api", name="caller")
+        s.add(user)
+        s.flush()
+        for number, (question, good, bad) in enumerate(QUESTIONS):
+            chat = start_conversation(s, user, "web", question)
+            q = add_message(s, chat, None, "user", question)
+            answer = add_message(s, chat, q.id, "assistant", good if number % 2 else bad, adapter_version="v2")
+            s.add(Feedback(message_id=answer.id, user_id=user.id, rating="up" if number % 2 else "down"))
+        s.flush()
+        assert build_pairs(s, eval_share=0.0).added == 0
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.parametrize("file_format", ["jsonl", "parquet"])
+def test_single_thumbs_export_in_trl_unpaired_format(single_thumbs_store, tmp_path, file_format):
+    from datasets import load_dataset
+
+    path = tmp_path / f"thumbs.{file_format}"
+    with Session(single_thumbs_store) as s:
+        report = export_dataset(s, "trl-unpaired", path, file_format, eval_share=0.0)
+    assert report.rows == 4
+    data = load_dataset("json" if file_format == "jsonl" else "parquet", data_files=str(path), split="train",
+                        cache_dir=str(tmp_path / "hf"))
+    assert set(data.column_names) == {"prompt", "completion", "label", "feedback_id", "split", "adapter_version",
+                                      "created_at"}
+    assert sorted(data["label"]) == [False, False, True, True]
+    first = data[0]
+    assert first["prompt"] == [{"role": "user", "content": "What is 12 + 30?"}]
+    assert first["completion"] == [{"role": "assistant", "content": "Numbers are hard; maybe 1230?"}]
+    assert first["label"] is False and first["adapter_version"] == "v2" and first["split"] == "train"
+
+
+def test_one_kto_step_on_the_unpaired_export(single_thumbs_store, tmp_path):
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    path = tmp_path / "thumbs.jsonl"
+    with Session(single_thumbs_store) as s:
+        export_dataset(s, "trl-unpaired", path, eval_share=0.0)
+    data = load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))
+    args = KTOConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, max_length=128,
+        learning_rate=1e-3, bf16=False, use_cpu=True, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=True, seed=0,
+    )
+    trainer = KTOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32), args=args, train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(MODEL),
+        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and math.isfinite(logged[0]["loss"])

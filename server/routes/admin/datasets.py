@@ -40,7 +40,7 @@ def export(
     _: AdminDep,
     session: SessionDep,
     settings: SettingsDep,
-    format: Literal["trl", "axolotl", "llamafactory", "feedback"] = "trl",
+    format: Literal["trl", "axolotl", "llamafactory", "trl-unpaired", "feedback"] = "trl",
     file_format: Literal["jsonl", "parquet"] = "jsonl",
     split: Literal["train", "eval", "all"] = "all",
     since: str | None = None,
