@@ -19,7 +19,16 @@ from sqlmodel import Session, col, func, select
 
 from store.adapter_signal import signal_change
 from store.errors import Conflict, InvalidInput, UnknownAdapterVersion, VersionNotServable
-from store.tables import AdapterLoadFailure, AdapterVersion, PreferencePair, TrainingRun, TrainingRunPair, utcnow
+from store.tables import (
+    AdapterLoadFailure,
+    AdapterVersion,
+    Feedback,
+    PreferencePair,
+    TrainingRun,
+    TrainingRunExample,
+    TrainingRunPair,
+    utcnow,
+)
 
 BASE = "base"
 
@@ -206,6 +215,18 @@ def lineage_pairs(session: Session, row: AdapterVersion) -> list[tuple[TrainingR
         select(TrainingRunPair, PreferencePair)
         .where(TrainingRunPair.pair_id == PreferencePair.id, TrainingRunPair.run_id == row.training_run_id)
         .order_by(col(PreferencePair.id))
+    ).all())
+
+
+def lineage_examples(session: Session, row: AdapterVersion) -> list[tuple[TrainingRunExample, Feedback]]:
+    """The single thumbs (``store.examples``) the run that made ``row`` trained
+    on, held out or skipped, with the label each had then and its feedback row."""
+    if row.training_run_id is None:
+        return []
+    return list(session.exec(
+        select(TrainingRunExample, Feedback)
+        .where(TrainingRunExample.feedback_id == Feedback.id, TrainingRunExample.run_id == row.training_run_id)
+        .order_by(col(Feedback.id))
     ).all())
 
 

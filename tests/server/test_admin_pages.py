@@ -453,12 +453,14 @@ def test_failed_or_unknown_versions_are_refused_with_a_reason(app, admin):
     assert adapter_statuses(app)["v2"] == "active"
 
 
-def test_lineage_page_lists_chain_evaluation_and_pairs(admin, data):
+def test_lineage_page_lists_chain_evaluation_pairs_and_single_thumbs(admin, data):
     doc = parse(admin.get("/admin/adapters/v2/lineage").text)
     assert [c.text() for c in doc.select("#chain .chain-item")] == ["v2", "v1", "base"]
     roles = {int(r.get("data-pair-id")): r.select("td")[1].text() for r in doc.select("#lineage-pairs tbody tr")}
     assert roles == {data.pairs["choice"]: "new", data.pairs["thumbs"]: "eval"}
     assert doc.select_one("table.evaluation")
+    (thumb,) = doc.select("#lineage-thumbs tbody tr")
+    assert int(thumb.get("data-feedback-id")) == data.feedback["f3"] and thumb.select("td")[1].text() == "new"
 
 
 # --- API keys -----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from store.tables import (
     Message,
     PreferencePair,
     TrainingRun,
+    TrainingRunExample,
     TrainingRunPair,
     User,
 )
@@ -186,6 +187,7 @@ def seed(db: Engine, hold_retrain_lease: bool = False, adapters_dir: Path | None
         s.add_all([
             TrainingRunPair(run_id=promoted.id, pair_id=from_choice.id, role="new"),
             TrainingRunPair(run_id=promoted.id, pair_id=from_thumbs.id, role="eval"),
+            TrainingRunExample(run_id=promoted.id, feedback_id=f3.id, label=True, role="new"),
         ])
         if hold_retrain_lease:
             leases.acquire(s, leases.RETRAIN, f"run:{running.id}", 600)

@@ -12,7 +12,7 @@ from sqlmodel import Session
 
 from store.load_failures import load_failures
 from store.presence import live_claims
-from store.registry import lineage_pairs, version_name
+from store.registry import lineage_examples, lineage_pairs, version_name
 from store.tables import AdapterVersion, TrainingRun
 
 
@@ -52,7 +52,8 @@ def adapter_detail_json(session: Session, row: AdapterVersion) -> dict[str, Any]
 
 def lineage_json(session: Session, row: AdapterVersion) -> dict[str, Any]:
     """The version (with its load failures), its parent, its run and evaluation,
-    and the pairs it trained on with the feedback rows they came from."""
+    the pairs it trained on with the feedback rows they came from, and the
+    single thumbs it trained on (KTO) with the label each had then."""
     run = session.get(TrainingRun, row.training_run_id) if row.training_run_id else None
     return {
         "adapter": adapter_detail_json(session, row),
@@ -67,6 +68,11 @@ def lineage_json(session: Session, row: AdapterVersion) -> dict[str, Any]:
                 "chosen_feedback_id": pair.chosen_feedback_id, "rejected_feedback_id": pair.rejected_feedback_id,
             }
             for link, pair in lineage_pairs(session, row)
+        ],
+        "single_thumbs": [
+            {"feedback_id": feedback.id, "role": link.role, "label": "up" if link.label else "down",
+             "rating_now": feedback.rating, "user_id": feedback.user_id, "message_id": feedback.message_id}
+            for link, feedback in lineage_examples(session, row)
         ],
     }
 
