@@ -171,6 +171,11 @@ class Settings(BaseSettings):
         0.5, ge=0.0, description="ORPO lambda: weight of the odds-ratio (preference) term against the "
         "NLL of the chosen answer."
     )
+    train_interpolation_scales: str = Field(
+        "1,0.75,0.5,0.25", description="When a candidate's sanity NLL is over the gate's budget, its update is "
+        "scaled toward the base model by the largest of these that fits (WiSE-FT; trainer.interpolate) before the "
+        "gate judges it. '1' turns it off."
+    )
     train_kto_beta: float = Field(
         0.1, gt=0.0, description="KTO beta for single thumbs (an answer rated with no sibling to pair it with): "
         "how far from the reference (the adapter as the KTO stage starts) they may move it; higher = less. "

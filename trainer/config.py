@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from store.settings import Settings
+from trainer.interpolate import parse_scales
 
 
 @dataclass
@@ -139,6 +140,11 @@ class TrainConfig:
             "worse than the base model: a fixed budget, so drift cannot compound over promotions)."
         },
     )
+    interpolation_scales: str = field(
+        default="1,0.75,0.5,0.25",
+        metadata={"help": "Scales tried, largest first, to pull a candidate that blows the sanity budget back "
+                  "toward the base model (trainer.interpolate); '1' turns it off."},
+    )
     eval_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass during evaluation."})
 
     @property
@@ -183,6 +189,10 @@ class TrainConfig:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.replay_fraction < 1.0:
             problems.append(f"replay_fraction must be in [0, 1), got {self.replay_fraction}")
+        try:
+            parse_scales(self.interpolation_scales)
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.gate_sanity_nll_tolerance < 0:
             problems.append(f"gate_sanity_nll_tolerance must not be negative, got {self.gate_sanity_nll_tolerance}")
         if problems:
@@ -208,6 +218,7 @@ class TrainConfig:
             gate_min_accuracy_gain=settings.gate_min_accuracy_gain,
             gate_min_margin_gain=settings.gate_min_margin_gain,
             gate_sanity_nll_tolerance=settings.gate_sanity_tolerance,
+            interpolation_scales=settings.train_interpolation_scales,
         )
 
     def lora_target_modules(self) -> str | list[str]:

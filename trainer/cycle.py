@@ -21,6 +21,7 @@ candidate while the gate decides and swap to it themselves once it is active.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import traceback
@@ -216,10 +217,14 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
     result = _train(settings, db, run_id, parent[1], new + replay, out_dir, config, heartbeat,
                     thumbs.new if trains_thumbs else [])
 
+    _update_run(db, run_id, progress={"phase": "fitting the sanity budget"})
+    interpolation = _interpolate(settings, out_dir, config)
+    heartbeat.check()
     with session_scope(db) as session:
         register_candidate(session, version)
         run = session.get(TrainingRun, run_id)
         run.progress = {"phase": "evaluating"}
+        run.metrics = {**(run.metrics or {}), "interpolation": interpolation}
         session.add(run)
 
     decision, candidate_metrics, active_metrics = _evaluate(
@@ -280,6 +285,37 @@ def _train(settings, db, run_id, parent_path, pairs, out_dir: Path, config, hear
     summary = asdict(result)
     summary.pop("step_metrics", None)
     return summary
+
+
+def _interpolate(settings: Settings, out_dir: Path, config: TrainConfig) -> dict[str, Any]:
+    """Scale the fresh candidate toward the base model by the largest of
+    ``config.interpolation_scales`` that keeps its sanity NLL within the gate's
+    budget (``trainer.interpolate``), before anyone can load it."""
+    from trainer.evaluate import evaluate_model, load_sanity_set
+    from trainer.interpolate import choose_scale, parse_scales, scale_adapter
+
+    scales = parse_scales(config.interpolation_scales)
+    if scales == (1.0,):
+        return {"scale": 1.0, "trials": []}
+    sanity = load_sanity_set()
+
+    def sanity_nll_at(scale: float) -> float:
+        return evaluate_model(settings.model, str(out_dir), [], sanity, batch_size=config.eval_batch_size,
+                              scale=scale).sanity_nll
+
+    base = evaluate_model(settings.model, None, [], sanity, batch_size=config.eval_batch_size).sanity_nll
+    budget = base * (1 + config.gate_sanity_nll_tolerance)
+    scale, trials = choose_scale(sanity_nll_at, budget, scales)
+    if scale != 1.0:
+        scale_adapter(out_dir, scale)
+        record_path = out_dir / "training.json"
+        record = json.loads(record_path.read_text())
+        record["interpolation"] = {"scale": scale, "trials": trials}
+        staging = record_path.with_name(".training.json.scaled")
+        staging.write_text(json.dumps(record, indent=2, default=str))
+        os.replace(staging, record_path)
+        log.info("candidate %s scaled to %.2f of its update to fit the sanity budget", out_dir.name, scale)
+    return {"scale": scale, "trials": trials, "base_sanity_nll": base, "max_sanity_nll": budget}
 
 
 def _evaluate(settings, active_path, candidate_path, eval_pairs, config, eval_examples, trained):

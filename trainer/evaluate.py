@@ -42,6 +42,7 @@ from typing import Any
 from store.examples import Example
 from store.exchange.pair_format import Pair, render_answer, render_prompt
 from trainer.config import TrainConfig
+from trainer.interpolate import scale_lora_b
 
 SANITY_SET = Path(__file__).with_name("sanity.jsonl")
 FLOAT_SLACK = 1e-9
@@ -116,6 +117,7 @@ def evaluate_model(
     batch_size: int = 8,
     max_length: int = 1024,
     eval_examples: Sequence[Example] = (),
+    scale: float = 1.0,
 ) -> EvalMetrics:
     """Score ``base_model`` (plus ``adapter``, a PEFT adapter folder, if given).
 
@@ -129,7 +131,7 @@ def evaluate_model(
     """
     if not sanity:
         raise ValueError("the sanity set is empty; the gate needs it to catch regressions")
-    model, tokenizer = load_model(base_model, adapter)
+    model, tokenizer = load_model(base_model, adapter, scale)
 
     items = []
     for pair in eval_pairs:
@@ -165,8 +167,9 @@ def evaluate_model(
     )
 
 
-def load_model(base_model: str, adapter: str | None) -> tuple[Any, Any]:
-    """The model in eval mode (adapter merged in, if any) and its tokenizer."""
+def load_model(base_model: str, adapter: str | None, scale: float = 1.0) -> tuple[Any, Any]:
+    """The model in eval mode (adapter merged in, if any, its update scaled by
+    ``scale``: see ``trainer.interpolate``) and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -178,7 +181,10 @@ def load_model(base_model: str, adapter: str | None) -> tuple[Any, Any]:
 
         if not Path(adapter, "adapter_config.json").is_file():
             raise FileNotFoundError(f"adapter {adapter} has no adapter_config.json")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = PeftModel.from_pretrained(model, adapter)
+        if scale != 1.0:
+            scale_lora_b(dict(model.named_parameters()), scale)
+        model = model.merge_and_unload()
     if use_gpu:
         model = model.to("cuda")
     model.eval()

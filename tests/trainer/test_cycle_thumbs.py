@@ -54,6 +54,8 @@ def test_a_night_of_single_thumbs_trains_and_is_gated_on_held_out_thumbs(tmp_pat
     assert numbers["active_example_accuracy"] == 0.0  # the base model is its own reference
     assert any("single thumbs" in reason for reason in run.metrics["decision"]["reasons"])
     assert version.version == 1 and version.status in ("active", "rejected")
+    interpolation = run.metrics["interpolation"]  # the sanity budget was fitted before the gate
+    assert interpolation["trials"][0]["scale"] == 1.0 and interpolation["scale"] in (1.0, 0.75, 0.5, 0.25)
     # a run takes what its step budget reaches (2 steps x 4); what a promoted run
     # trained on is not new again, a rejected run's thumbs wait for the next
     deferred = run.metrics["examples"]["deferred_by_step_budget"]
