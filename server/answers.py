@@ -45,6 +45,8 @@ log = logging.getLogger("tuneloop.answers")
 POLL_SECONDS = 0.25
 CLAIMER_CHECK_SECONDS = 2.0  # how often a viewer checks that the process generating its answer lives
 FINISH_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # a locked or restarting database, ~16 s in all
+AB_CONTRAST = 0.3  # how much hotter the second answer of a browser A/B turn is sampled
+MAX_TEMPERATURE = 2.0  # the API's own limit
 _NOTHING = object()
 
 
@@ -91,10 +93,12 @@ class AnswerService:
         with session_scope(self.db) as session:
             withdraw(session, self.claim_id)
 
-    def web_sampling(self) -> SamplingSettings:
-        """Sampling for a browser turn; the random seed makes the answer replayable."""
+    def web_sampling(self, contrast: bool = False) -> SamplingSettings:
+        """Sampling for a browser turn; the random seed makes the answer replayable.
+        ``contrast``: the second answer of an A/B turn, sampled AB_CONTRAST hotter
+        so the two differ more often (near-identical answers teach nothing)."""
         return SamplingSettings(
-            temperature=self.settings.default_temperature,
+            temperature=min(MAX_TEMPERATURE, self.settings.default_temperature + (AB_CONTRAST if contrast else 0.0)),
             max_tokens=self.settings.default_max_tokens,
             seed=random.randrange(2**31),
         )

@@ -22,12 +22,13 @@ Sources:
 A pair's prompt is the full multi-turn context as chat messages. Its
 ``content_hash`` (prompt + chosen + rejected) deduplicates and puts it in the
 train or eval split for good, so building twice adds nothing. Answers that are
-unfinished, empty or identical, and users or messages an admin excluded, make
+unfinished, empty or identical (two samples: near-identical), and users or messages an admin excluded, make
 no pair.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections import defaultdict
@@ -159,18 +160,42 @@ class _Builder:
         self.report.added_by_source[source] += 1
 
 
+NEAR_IDENTICAL = 0.95
+"""Similarity (difflib's ratio) from which two sampled answers teach nothing as a pair."""
+
+
+def near_identical(a: str, b: str) -> bool:
+    """Two answers that differ only in case, spacing or punctuation, or in a few
+    characters of a long text (similarity >= NEAR_IDENTICAL): which one a user
+    picked says almost nothing, and a pair of them would train the model on
+    noise. Not applied to corrections, where a small edit is the whole lesson."""
+    plain_a, plain_b = _plain(a), _plain(b)
+    if plain_a == plain_b:
+        return True
+    matcher = difflib.SequenceMatcher(None, plain_a, plain_b, autojunk=False)
+    return (matcher.real_quick_ratio() >= NEAR_IDENTICAL and matcher.quick_ratio() >= NEAR_IDENTICAL
+            and matcher.ratio() >= NEAR_IDENTICAL)  # cheap upper bounds first
+
+
+def _plain(text: str) -> str:
+    return " ".join("".join(c for c in text.casefold() if c.isalnum() or c.isspace()).split())
+
+
 def pair_values(
     source: str, user_id: int | None, chosen: Any, rejected: Any, context: Callable[[], list[dict[str, str]]],
     eval_share: float, **refs: Any,
 ) -> dict[str, Any] | None:
     """The pair ``chosen`` over ``rejected`` makes, as PreferencePair column
-    values; None when they make none (an answer unusable, both the same text,
+    values; None when they make none (an answer unusable, both the same text --
+    or, for two of the model's samples, near-identical: ``near_identical`` --
     or no user question right before them). ``chosen``/``rejected`` are any
     objects with a message's fields (ORM rows or Core rows); ``context()``
     gives the chat before them and is called only when needed."""
     if not (usable_answer(chosen) and usable_answer(rejected)):
         return None
     if chosen.content.strip() == rejected.content.strip():
+        return None
+    if source != "correction" and near_identical(chosen.content, rejected.content):
         return None
     prompt = context()
     if not prompt or prompt[-1]["role"] != "user":

@@ -182,7 +182,7 @@ def _add_turn(
     ab = random.random() < settings.ab_rate
     turn = start_turn(
         session, user, conversation, [{"role": "user", "content": text}],
-        [answers.web_sampling().to_json() for _ in range(2 if ab else 1)],
+        [answers.web_sampling(contrast=i == 1).to_json() for i in range(2 if ab else 1)],
         max_turns=settings.max_turns, source="web", compare=ab,
     )
     conversation = turn.conversation

@@ -249,3 +249,24 @@ def test_training_pairs_mark_answers_cut_at_the_token_limit(db):
     assert problems == {}
     assert (pair.chosen, pair.chosen_complete) == ("Short and done.", True)
     assert (pair.rejected, pair.rejected_complete) == ("A long answer that was cut", False)
+
+
+def test_near_identical_samples_make_no_pair_but_a_small_correction_does():
+    from store.pairs import near_identical
+
+    assert near_identical("Paris is the capital.", "paris is the capital")
+    long = "The capital of France is Paris, a city on the Seine known for its museums and cafes. "
+    assert near_identical(long * 3, (long * 3).replace("cafes", "cafés"))
+    assert not near_identical("The answer is 4.", "The answer is 5.")
+    assert not near_identical("Paris.", "Lyon.")
+
+
+def test_a_choice_between_near_identical_answers_is_counted_not_paired(db):
+    with session_scope(db) as s:
+        user = make_user(s)
+        conversation, _, (a, b) = context_with_answers(s, user, ["It is 4.", "it is 4"])
+        s.add(Comparison(user_id=user.id, conversation_id=conversation.id, message_a_id=a.id, message_b_id=b.id,
+                         winner="a"))
+        s.flush()
+        report = build_pairs(s)
+    assert report.added == 0 and report.skipped == 1
