@@ -21,6 +21,7 @@ from sqlmodel import Session
 from server.retraining import start_cycle
 from store import leases
 from store.db import session_scope
+from store.examples import count_new_examples
 from store.pairs import build_pairs
 from store.run_lease import CycleBusy
 from store.selection import count_new_pairs
@@ -68,17 +69,20 @@ class RetrainScheduler:
             return leases.acquire(session, leases.SCHEDULER, self.identity, LEADER_TTL_S)
 
     def tick(self) -> int | None:
-        """The cron job: start a cycle if this process leads and enough new pairs
-        exist. Returns the started run id, or None."""
+        """The cron job: start a cycle if this process leads and enough new
+        feedback to learn from exists (new pairs, and single thumbs: one each).
+        Returns the started run id, or None."""
         if not self.is_leader():
             return None
         with session_scope(self.db) as session:
             build_pairs(session, self.settings.eval_share)
         with Session(self.db) as session:
-            new = count_new_pairs(session, self.settings.train_on_anonymous)
+            pairs = count_new_pairs(session, self.settings.train_on_anonymous)
+            thumbs = count_new_examples(session, self.settings.eval_share, self.settings.train_on_anonymous)
+        new = pairs + thumbs
         if new < self.settings.min_new_pairs:
-            log.info("scheduled retraining skipped: %d new pairs < %d (TUNELOOP_MIN_NEW_PAIRS)",
-                     new, self.settings.min_new_pairs)
+            log.info("scheduled retraining skipped: %d new pairs + %d single thumbs < %d (TUNELOOP_MIN_NEW_PAIRS)",
+                     pairs, thumbs, self.settings.min_new_pairs)
             return None
         try:
             return start_cycle(self.settings, self.db, "schedule").run_id

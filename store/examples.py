@@ -172,3 +172,11 @@ def select_examples_for_run(
     if max_eval is not None:
         evaluated = cap_eval_pairs(evaluated, max_eval, seed)
     return ExampleSelection(new=new, eval=evaluated, capped=capped, deferred=deferred)
+
+
+def count_new_examples(session: Session, eval_share: float, include_anonymous: bool = False) -> int:
+    """Train-split single thumbs no promoted run used and no run skipped (what the
+    scheduler counts, beside the new pairs)."""
+    used = trained_example_keys(session) | skipped_example_keys(session)
+    return sum(1 for e in single_thumbs(session, eval_share, include_anonymous)
+               if e.split == "train" and example_key(e.feedback_id, e.label) not in used)

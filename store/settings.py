@@ -101,7 +101,8 @@ class Settings(BaseSettings):
         "0 3 * * *", description="Crontab expression of the scheduled retraining (nightly)."
     )
     min_new_pairs: int = Field(
-        20, description="A scheduled retraining runs only when at least this many new pairs exist."
+        20, description="A scheduled retraining runs only when at least this many new pairs exist (a single "
+        "thumb, an answer rated with no sibling to pair it with, counts as one)."
     )
     ab_rate: float = Field(
         0.2, ge=0.0, le=1.0, description="Share of chat turns shown as an A/B choice."
