@@ -11,9 +11,10 @@ built or withdrawn when a thumb changes): a thumb becomes an example when
 
 - it made no pair (a thumb that did teaches through the pair already);
 - its answer would make a pair (``store.pairs.usable_answer``: a finished model
-  answer with text, not written by an API caller, not excluded) and finished
-  on its own (an answer cut at its token limit is not the answer the user
-  would get at a higher limit: its thumb says little about the text);
+  answer with text, not written by an API caller, not excluded); an answer cut
+  at its token limit counts (``complete`` False: it is trained and scored
+  without an end-of-turn token, as in pairs, so the model does not learn to
+  stop mid-sentence);
 - the same trust rules as pairs hold (``store.selection``): the user, the
   conversation and the message are not excluded, the account is not
   disabled, and anonymous visitors count only with TUNELOOP_TRAIN_ON_ANONYMOUS.
@@ -52,6 +53,7 @@ class Example:
     label: bool
     split: str
     content_hash: str
+    complete: bool = True
 
     @property
     def id(self) -> int:
@@ -81,9 +83,7 @@ def single_thumbs(session: Session, eval_share: float, include_anonymous: bool =
         .join(Conversation, Conversation.id == Message.conversation_id)
         .join(User, User.id == Feedback.user_id)
         .where(~made_pair, ~untrusted, Conversation.excluded_from_training == False,  # noqa: E712
-               Message.role == "assistant", Message.status == "complete",
-               or_(Message.finish_reason.is_(None), Message.finish_reason != "length"),
-               col(Message.parent_id).is_not(None))
+               Message.role == "assistant", Message.status == "complete", col(Message.parent_id).is_not(None))
         .order_by(col(Feedback.id))
     ).all()
     contexts: dict[int, dict[int, Message]] = {}
@@ -99,6 +99,7 @@ def single_thumbs(session: Session, eval_share: float, include_anonymous: bool =
         examples.append(Example(
             feedback_id=feedback.id, user_id=feedback.user_id, message_id=message.id, prompt=prompt,
             completion=message.content, label=label, split=split_for(digest, eval_share), content_hash=digest,
+            complete=message.finish_reason != "length",
         ))
     return examples
 

@@ -193,6 +193,10 @@ class Settings(BaseSettings):
         0.0, description="Mean log-odds margin the candidate must gain over the active adapter "
         "(strictly more than this)."
     )
+    gate_min_held_out_thumbs: int = Field(
+        4, ge=1, description="Held-out single thumbs the gate needs before they count as evidence: against the "
+        "base model every one starts at 0, so one or two moved the right way would prove nothing."
+    )
     gate_max_eval_pairs: int = Field(
         256, ge=1, description="Most held-out pairs the gate scores: the newest half plus a random sample "
         "of older ones, so a run's cost does not grow with the history."

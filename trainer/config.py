@@ -133,6 +133,10 @@ class TrainConfig:
             "(0 = strictly higher)."
         },
     )
+    gate_min_held_out_thumbs: int = field(
+        default=4,
+        metadata={"help": "Held-out single thumbs the gate needs before they count as evidence."},
+    )
     gate_sanity_nll_tolerance: float = field(
         default=0.05,
         metadata={
@@ -217,6 +221,7 @@ class TrainConfig:
             gate_max_eval_pairs=settings.gate_max_eval_pairs,
             gate_min_accuracy_gain=settings.gate_min_accuracy_gain,
             gate_min_margin_gain=settings.gate_min_margin_gain,
+            gate_min_held_out_thumbs=settings.gate_min_held_out_thumbs,
             gate_sanity_nll_tolerance=settings.gate_sanity_tolerance,
             interpolation_scales=settings.train_interpolation_scales,
         )

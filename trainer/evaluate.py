@@ -140,7 +140,7 @@ def evaluate_model(
     for example in sanity:
         items.append((example["messages"][:-1], example["messages"][-1]["content"]))
     for thumb in eval_examples:
-        items.append((thumb.prompt, thumb.completion))
+        items.append((thumb.prompt, thumb.completion, thumb.complete))
     scores = score_answers(model, tokenizer, items, batch_size=batch_size, max_length=max_length)
 
     pair_scores = scores[: 2 * len(eval_pairs)]
@@ -314,8 +314,13 @@ def gate(
          "required_example_accuracy"),
     ]
     evidence = []
+    minimum = {"pairs": 1, "examples": config.gate_min_held_out_thumbs}
     for kind, where, accuracy_name, margin_name, count, cand_acc, act_acc, cand_margin, act_margin, key in kinds:
         if kind not in trained or count == 0 or cand_acc is None or act_acc is None:
+            continue
+        if count < minimum[kind]:
+            failures.append(f"only {count} {where}; the gate needs {minimum[kind]} before they count as evidence "
+                            "(TUNELOOP_GATE_MIN_HELD_OUT_THUMBS)")
             continue
         evidence.append(f"{where}: {accuracy_name} {cand_acc:.3f} vs {act_acc:.3f}, "
                         f"margin {_fmt(cand_margin)} vs {_fmt(act_margin)}")

@@ -29,7 +29,7 @@ from typing import Any
 from store.examples import Example
 from store.exchange.pair_format import render_answer
 from trainer.config import TrainConfig
-from trainer.orpo import fitted_prompt
+from trainer.orpo import fitted_prompt, optimizer_name
 
 MIN_EXAMPLES = 2
 """KTO's KL baseline pairs each answer with another example's prompt: one example alone cannot train."""
@@ -56,21 +56,42 @@ def build_dataset(examples: list[Example], tokenizer: Any, config: TrainConfig) 
         prompt, reason = fitted_prompt(example.prompt, tokenizer, config)
         if reason is not None:
             raise ValueError(f"example from feedback {example.feedback_id}: {reason}")
+        # A cut answer keeps its end-of-turn token here only so that TRL adds none;
+        # CutAnswersKTOTrainer takes it off again after tokenizing.
         rows.append({"prompt": prompt, "completion": render_answer(tokenizer, example.completion),
-                     "label": example.label})
+                     "label": example.label, "complete": example.complete})
     return Dataset.from_list(rows)
 
 
-def train(
-    model: Any, tokenizer: Any, dataset: Any, config: TrainConfig, use_gpu: bool, scratch_dir: Path,
-    max_steps: int, on_step: Callable[[dict], None] | None = None, step_offset: int = 0, total_steps: int = 0,
-) -> dict[str, Any]:
-    """Run TRL's KTO trainer on ``model`` in place for ``max_steps`` steps; what it did."""
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import KTOConfig, KTOTrainer
+def trainer_class() -> type:
+    from trl import KTOTrainer
 
-    desirable_weight, undesirable_weight = label_weights(list(dataset["label"]))
-    args = KTOConfig(
+    class CutAnswersKTOTrainer(KTOTrainer):
+        """TRL appends the end-of-turn token to every completion that lacks one;
+        an answer cut at its token limit must not end with it (the model did not
+        stop there, and must not learn to), so it is removed after tokenizing."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            eos = self._tokenizer.eos_token_id
+
+            def uncut(example):
+                ids = example["completion_ids"]
+                if not example["complete"] and len(ids) > 1 and ids[-1] == eos:
+                    example["completion_ids"] = ids[:-1]
+                return example
+
+            return dataset.map(uncut)
+
+    return CutAnswersKTOTrainer
+
+
+def kto_args(config: TrainConfig, use_gpu: bool, scratch_dir: Path, max_steps: int, labels: list[bool]) -> Any:
+    """TRL's ``KTOConfig`` for a stage of ``max_steps`` steps on examples with ``labels``."""
+    from trl import KTOConfig
+
+    desirable_weight, undesirable_weight = label_weights(labels)
+    return KTOConfig(
         output_dir=str(scratch_dir),
         learning_rate=config.learning_rate,
         beta=config.kto_beta,
@@ -86,7 +107,7 @@ def train(
         warmup_steps=0,
         weight_decay=0.0,
         disable_dropout=config.lora_dropout == 0.0,
-        optim="paged_adamw_8bit" if config.qlora else "adamw_torch",
+        optim=optimizer_name(config, use_gpu),
         bf16=use_gpu,
         fp16=False,
         use_cpu=not use_gpu,
@@ -99,8 +120,18 @@ def train(
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_pin_memory=use_gpu,
-        dataloader_drop_last=False,
     )
+
+
+def train(
+    model: Any, tokenizer: Any, dataset: Any, config: TrainConfig, use_gpu: bool, scratch_dir: Path,
+    max_steps: int, on_step: Callable[[dict], None] | None = None, step_offset: int = 0, total_steps: int = 0,
+) -> dict[str, Any]:
+    """Run TRL's KTO trainer on ``model`` in place for ``max_steps`` steps; what it did."""
+    from transformers import PrinterCallback, TrainerCallback
+
+    labels = [bool(label) for label in dataset["label"]]
+    args = kto_args(config, use_gpu, scratch_dir, max_steps, labels)
     step_metrics: list[dict[str, Any]] = []
 
     class ForwardStepLogs(TrainerCallback):
@@ -113,17 +144,17 @@ def train(
             if on_step is not None:
                 on_step(dict(entry))
 
-    trainer = KTOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[ForwardStepLogs()])
+    trainer = trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                   callbacks=[ForwardStepLogs()])
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
     _drop_reference_adapter(model)
     return {
-        "steps": trainer.state.global_step, "seconds": round(seconds, 3), "examples": len(dataset),
-        "desirable": int(sum(dataset["label"])), "undesirable": int(len(dataset) - sum(dataset["label"])),
-        "desirable_weight": round(desirable_weight, 4), "undesirable_weight": round(undesirable_weight, 4),
+        "steps": trainer.state.global_step, "seconds": round(seconds, 3), "examples": len(labels),
+        "desirable": sum(labels), "undesirable": len(labels) - sum(labels),
+        "desirable_weight": round(args.desirable_weight, 4), "undesirable_weight": round(args.undesirable_weight, 4),
         "step_metrics": step_metrics,
     }
 

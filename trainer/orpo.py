@@ -303,9 +303,7 @@ def train(
         weight_decay=0.0,
         # TRL's disable_dropout would also zero the LoRA dropout the config asks for.
         disable_dropout=config.lora_dropout == 0.0,
-        # Paging moves optimizer state between GPU and host memory; on the CPU
-        # bitsandbytes falls back to plain 8-bit AdamW with a warning, so ask for that.
-        optim=("paged_adamw_8bit" if use_gpu else "adamw_bnb_8bit") if config.qlora else "adamw_torch",
+        optim=optimizer_name(config, use_gpu),
         bf16=use_gpu,
         fp16=False,
         use_cpu=not use_gpu,
@@ -373,6 +371,16 @@ def _publish(staging: Path, out_dir: Path) -> None:
     if out_dir.exists():
         raise FileExistsError(f"adapter folder {out_dir} appeared while training; adapter folders are immutable")
     os.rename(staging, out_dir)
+
+
+def optimizer_name(config: TrainConfig, use_gpu: bool) -> str:
+    """The ``optim`` of a training stage: 8-bit AdamW for QLoRA (paged on a GPU:
+    paging moves optimizer state between GPU and host memory; on the CPU
+    bitsandbytes falls back to plain 8-bit AdamW with a warning, so ask for
+    that), torch's AdamW otherwise."""
+    if config.qlora:
+        return "paged_adamw_8bit" if use_gpu else "adamw_bnb_8bit"
+    return "adamw_torch"
 
 
 def _use_gpu(config: TrainConfig) -> bool:

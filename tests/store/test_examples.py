@@ -69,22 +69,23 @@ def test_a_thumb_that_made_a_pair_is_not_also_an_example(db):
         assert [e.feedback_id for e in single_thumbs(s, eval_share=0.0)] == [single_thumb.id]
 
 
-def test_untrusted_excluded_and_cut_answers_make_no_example(db):
+def test_untrusted_and_excluded_thumbs_make_no_example_and_cut_answers_are_marked(db):
     with session_scope(db) as s:
         trusted = make_user(s, "trusted")
         _, _, kept = rated_answer(s, trusted)
         rated_answer(s, make_user(s, "excluded", excluded_from_training=True))
         rated_answer(s, make_user(s, "disabled", kind="account", status="disabled"))
         rated_answer(s, make_user(s, "visitor", kind="browser"))
-        rated_answer(s, trusted, "Par", finish_reason="length")  # cut at its token limit
         rated_answer(s, trusted, excluded_from_training=True)  # the message excluded
         rated_answer(s, trusted, caller_written=True)  # an API caller's own history
         rated_answer(s, trusted, "   ")
         conversation, _, _ = rated_answer(s, trusted)
         conversation.excluded_from_training = True
         s.add(conversation)
+        _, _, cut = rated_answer(s, trusted, "Paris is", finish_reason="length")  # cut at its token limit
     with Session(db) as s:
-        assert [e.feedback_id for e in single_thumbs(s, eval_share=0.0)] == [kept.id]
+        examples = single_thumbs(s, eval_share=0.0)
+        assert [(e.feedback_id, e.complete) for e in examples] == [(kept.id, True), (cut.id, False)]
         visitor = s.exec(select(User).where(User.name == "visitor")).one()
         with_anonymous = {e.user_id for e in single_thumbs(s, eval_share=0.0, include_anonymous=True)}
     assert visitor.id in with_anonymous

@@ -108,6 +108,9 @@ def test_single_thumbs_are_scored_as_moves_from_the_base_model():
         model.relative_to_base(base[:3], labels[:3])
 
 
+ONE_THUMB_IS_EVIDENCE = TrainConfig(gate_min_held_out_thumbs=1)
+
+
 def scored(logps, base, labels, sanity=1.0):
     metrics = thumbs_metrics(logps, sanity)
     metrics.relative_to_base(base, labels)
@@ -117,11 +120,11 @@ def scored(logps, base, labels, sanity=1.0):
 def test_gate_promotes_on_single_thumbs_a_run_trained_on():
     base, labels = [-2.0, -2.0, -3.0], [True, True, False]
     candidate, active = scored([-1.0, -1.5, -3.5], base, labels), scored(base, base, labels)
-    decision = gate(candidate, active, TrainConfig(), base_sanity_nll=1.0, trained=("examples",))
+    decision = gate(candidate, active, ONE_THUMB_IS_EVIDENCE, base_sanity_nll=1.0, trained=("examples",))
     assert decision.promote, decision.reasons
     assert decision.numbers["candidate_example_accuracy"] == 1.0 and "single thumbs" in decision.reasons[0]
     worse = scored([-2.5, -2.5, -2.0], base, labels)
-    refused = gate(worse, active, TrainConfig(), base_sanity_nll=1.0, trained=("examples",))
+    refused = gate(worse, active, ONE_THUMB_IS_EVIDENCE, base_sanity_nll=1.0, trained=("examples",))
     assert not refused.promote and any("single thumbs" in r for r in refused.reasons)
 
 
@@ -133,8 +136,19 @@ def test_gate_judges_only_what_the_run_trained_on():
     pairs_active = EvalMetrics(0.6, 0.1, 1.0, 1.0, 10, examples=2, example_logps=list(base))
     for metrics in (pairs_better, pairs_active):
         metrics.relative_to_base(base, labels)
-    assert gate(pairs_better, pairs_active, TrainConfig(), trained=("pairs",)).promote
-    assert not gate(pairs_better, pairs_active, TrainConfig(), trained=("pairs", "examples")).promote
-    no_thumbs_held_out = gate(thumbs_metrics([]), thumbs_metrics([]), TrainConfig(), trained=("examples",))
+    assert gate(pairs_better, pairs_active, ONE_THUMB_IS_EVIDENCE, trained=("pairs",)).promote
+    assert not gate(pairs_better, pairs_active, ONE_THUMB_IS_EVIDENCE, trained=("pairs", "examples")).promote
+    no_thumbs_held_out = gate(thumbs_metrics([]), thumbs_metrics([]), ONE_THUMB_IS_EVIDENCE, trained=("examples",))
     assert not no_thumbs_held_out.promote
     assert any("no held-out pairs or single thumbs" in r for r in no_thumbs_held_out.reasons)
+
+
+def test_too_few_held_out_thumbs_are_no_evidence():
+    base, labels = [-2.0, -3.0], [True, False]
+    candidate, active = scored([-1.0, -4.0], base, labels), scored(base, base, labels)
+    decision = gate(candidate, active, TrainConfig(gate_min_held_out_thumbs=3), base_sanity_nll=1.0,
+                    trained=("examples",))
+    assert not decision.promote
+    assert any("only 2 held-out single thumbs" in r for r in decision.reasons)
+    assert gate(candidate, active, TrainConfig(gate_min_held_out_thumbs=2), base_sanity_nll=1.0,
+                trained=("examples",)).promote

@@ -77,6 +77,26 @@ def test_pairs_then_thumbs_in_one_run(tmp_path):
     assert [s["step"] for s in steps] == [1, 2, 3, 4] and {s["total_steps"] for s in steps} == {4}
 
 
+def test_a_cut_answer_is_trained_without_an_end_of_turn_token(tmp_path):
+    from transformers import AutoTokenizer
+
+    from trainer import kto
+    from trainer.orpo import build_model
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    finished, cut = make_examples()[:2]
+    cut = Example(**{**cut.__dict__, "complete": False})
+    dataset = kto.build_dataset([finished, cut], tokenizer, KTO)
+    trainer = kto.trainer_class()(
+        model=build_model(MODEL, None, KTO, False), train_dataset=dataset, processing_class=tokenizer,
+        args=kto.kto_args(KTO, False, tmp_path, max_steps=1, labels=[True, False]),
+    )
+    rows = trainer.train_dataset
+    assert rows[0]["completion_ids"][-1] == tokenizer.eos_token_id
+    assert rows[1]["completion_ids"][-1] != tokenizer.eos_token_id
+    assert tokenizer.decode(rows[1]["completion_ids"]).rstrip().endswith("probably.")
+
+
 def test_one_single_thumb_alone_cannot_train(tmp_path):
     with pytest.raises(ValueError, match="nothing to train on"):
         train_adapter(MODEL, None, [], tmp_path / "v1", KTO, examples=make_examples()[:1])
