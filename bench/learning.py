@@ -23,10 +23,10 @@ one per run, each on a fresh data directory:
   (``/v1/chat/completions`` with ``n``, then ``POST /api/messages/{id}/feedback``:
   up if the answer satisfies, down if not);
 - ``thumbs``: only single thumbs -- one answer per question (n=1, no A/B, no
-  "try again"), up if it satisfies, down if not. These answers are asked with
-  ``FULL_ANSWER_TOKENS`` (``--thumbs-max-tokens``), as whole answers: the
-  trainer learns only from thumbs on answers that finished (``store.examples``),
-  with KTO;
+  "try again"), up if it satisfies, down if not, asked with ``MAX_TOKENS``
+  like the others (``--thumbs-max-tokens``): the trainer learns from these
+  thumbs with KTO (``store.examples``), a cut answer without its end-of-turn
+  token;
 - ``corrections``: only corrections -- every answer that does not satisfy is
   edited by its user into one that does (``POST /api/messages/{id}/correction``),
   a deterministic edit of the model's own answer (``Taste.correct``), which
@@ -109,9 +109,6 @@ RESULTS = REPO / "bench" / "results"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 MAX_TOKENS = 24            # answer budget of measured, A/B and corrected answers: enough to see the opening
-# Single-thumb answers: the most an answer may have (TUNELOOP_MAX_NEW_TOKENS), because a thumb on an answer
-# cut at its limit is never trained on, and at the chat's default of 256 tokens 11 of 16 were cut (smoke run).
-FULL_ANSWER_TOKENS = 512
 
 # -- the hidden tastes ----------------------------------------------------------------
 
@@ -479,7 +476,7 @@ def thumbs_feedback(users: Users, prompts: list[str], cfg: dict, cycle: int, wor
                     taste: Taste = TASTES[DEFAULT_TASTE]) -> dict[str, Any]:
     """The thumbs population: one answer per prompt (``cfg["thumbs_max_tokens"]``,
     n=1), rated up if it satisfies, down if not; nothing else. A thumb on an
-    answer cut at the token limit is recorded but never trained on."""
+    answer cut at the token limit is trained without the end-of-turn token."""
     jobs = [(i, p) for i, p in enumerate(prompts)]
     turns = run_parallel(lambda i, p: users.thumbs_turn(i, p, 1, feedback_seed(cycle, i), taste,
                                                         cfg["thumbs_max_tokens"]), jobs, workers)
@@ -919,8 +916,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int,
                         help="feedback prompts per cycle (mixed: two thirds A/B, the rest thumbs with siblings)")
     parser.add_argument("--heldout", type=int, help=f"held-out prompts (at most {len(HELDOUT_TOPICS)})")
-    parser.add_argument("--thumbs-max-tokens", type=int, default=FULL_ANSWER_TOKENS,
-                        help=f"answer length of the thumbs population (default {FULL_ANSWER_TOKENS})")
+    parser.add_argument("--thumbs-max-tokens", type=int, default=MAX_TOKENS,
+                        help=f"answer length of the thumbs population (default {MAX_TOKENS}, as every population)")
     parser.add_argument("--lr", type=float, help="train_learning_rate")
     parser.add_argument("--epochs", type=float, help="train_epochs")
     parser.add_argument("--max-steps", type=int, help="train_max_steps")
