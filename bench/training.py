@@ -23,10 +23,17 @@ evaluate candidate and active -> gate). Phases are timed by wrapping
 10x smaller history, to separate what grows with the new pairs from what grows
 with the history.
 
+With ``--qlora`` it measures QLoRA instead of parts 1 and 2: ``train_adapter``
+with float32 LoRA against QLoRA (4-bit nf4 base with double quantisation,
+8-bit AdamW) on the same pairs, seed and steps, each side in its own fresh
+process: seconds per step, peak RSS of the process (model load included),
+load + save seconds, final loss.
+
 Usage::
 
     .venv/bin/python bench/training.py --quick   # 32 pairs; N = 10, 40 on 2000 history (+10 on 200)
     .venv/bin/python bench/training.py           # 96 pairs x2; N = 50, 200, 800 on 5000 (+50 on 500)
+    .venv/bin/python bench/training.py --quick --qlora   # float32 LoRA vs QLoRA on 32 pairs
 
 Prints one JSON line last on stdout; logs go to stderr. Synthetic pairs
 (fixed seed) with realistic lengths (prompt ~35 tokens, answers ~20-70 words).
@@ -39,6 +46,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -112,7 +120,7 @@ def worker_tuneloop(spec: dict) -> dict:
     config = TrainConfig(
         lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
         target_modules=LORA["target_modules"], learning_rate=LR, batch_size=BATCH, epochs=1,
-        max_steps=spec["steps"], seed=0,
+        max_steps=spec["steps"], seed=0, qlora=spec.get("qlora", False),
     )
     result = train_adapter(spec["model"], None, pairs, Path(spec["out_dir"]), config)
     return {
@@ -120,6 +128,7 @@ def worker_tuneloop(spec: dict) -> dict:
         "tokens": result.train_tokens, "pairs_per_s": result.pairs_per_second,
         "tokens_per_s": result.tokens_per_second, "end_to_end_s": round(time.perf_counter() - t0, 3),
         "final_loss": (result.step_metrics[-1] if result.step_metrics else {}).get("loss"),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
     }
 
 
@@ -208,6 +217,34 @@ def throughput(cfg: dict, workdir: Path) -> tuple[dict, str]:
     summary["ratio_end_to_end"] = round(med("trl", "end_to_end_s") / med("tuneloop", "end_to_end_s"), 3)
     summary["tokens_per_pair"] = {k: round(med(k, "tokens") / n, 1) for k in results}
     return summary, str(workdir / "tuneloop-0")
+
+
+def qlora_comparison(cfg: dict, workdir: Path) -> dict:
+    """float32 LoRA against QLoRA: the same pairs, seed and steps, alternating order per rep."""
+    n = cfg["throughput_pairs"]
+    pairs = [synthetic_pair(i, seed=1) for i in range(n)]
+    results: dict[str, list[dict]] = {"lora_float32": [], "qlora": []}
+    order = list(results)
+    for rep in range(cfg["throughput_reps"]):
+        for kind in (order if rep % 2 == 0 else order[::-1]):
+            spec = {"model": DEFAULT_MODEL, "pairs": pairs, "steps": n // BATCH, "qlora": kind == "qlora",
+                    "out_dir": str(workdir / f"{kind}-{rep}")}
+            log("qlora: %s rep %d (%d pairs, %d steps)", kind, rep, n, n // BATCH)
+            result = run_worker("tuneloop", spec, workdir)
+            result["seconds_per_step"] = round(result["train_seconds"] / result["steps"], 3)
+            result["load_and_save_s"] = round(result["end_to_end_s"] - result["train_seconds"], 3)
+            log("  %s", result)
+            results[kind].append(result)
+    keys = ("seconds_per_step", "train_seconds", "load_and_save_s", "end_to_end_s", "peak_rss_mib", "final_loss")
+    summary: dict[str, Any] = {
+        "pairs": n, "batch_size": BATCH, "steps": n // BATCH, "learning_rate": LR, "lora": LORA,
+        "reps": cfg["throughput_reps"],
+        **{kind: {key: statistics.median(r[key] for r in runs) for key in keys} for kind, runs in results.items()},
+    }
+    lora, qlora = summary["lora_float32"], summary["qlora"]
+    summary["qlora_vs_lora_seconds_per_step"] = round(qlora["seconds_per_step"] / lora["seconds_per_step"], 3)
+    summary["qlora_vs_lora_peak_rss"] = round(qlora["peak_rss_mib"] / lora["peak_rss_mib"], 3)
+    return summary
 
 
 # -- part 2: cycle cost against a large history -------------------------------------------
@@ -383,6 +420,8 @@ def main() -> None:
     parser.add_argument("--no-control", action="store_true",
                         help="skip the control cycle (smallest N on a 10x smaller history)")
     parser.add_argument("--reps", type=int, help="throughput repetitions per side (default: the mode's)")
+    parser.add_argument("--qlora", action="store_true",
+                        help="only compare float32 LoRA with QLoRA training (instead of parts 1 and 2)")
     args = parser.parse_args()
     emit = claim_stdout()
     if args.worker:
@@ -403,6 +442,21 @@ def main() -> None:
     load_start = os.getloadavg()
     workdir = temp_data_dir("training")
     log("mode %s %s, workdir %s", mode, cfg, workdir)
+    if args.qlora:
+        summary, error = None, None
+        try:
+            summary = qlora_comparison(cfg, workdir)
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported in the summary line
+            error = f"{type(exc).__name__}: {exc}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        emit({
+            "bench": "training-qlora", "mode": mode, "ok": error is None, "error": error, "qlora": summary,
+            "seconds": round(time.monotonic() - started, 1),
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "note": "2-core CPU; peak RSS is the training process's, model load included",
+        })
+        return
     error = None
     tp: dict[str, Any] | None = None
     cycles: list[dict] = []

@@ -209,9 +209,14 @@ def build_model(base_model: str, parent_adapter: str | None, config: TrainConfig
 
     set_seed(config.seed)
     if config.qlora:
+        from bitsandbytes.functional import has_avx512bf16
         from transformers import BitsAndBytesConfig
 
-        compute_dtype = torch.bfloat16 if use_gpu else torch.float32
+        # The dtype the frozen 4-bit weights are unpacked to for their matmul (LoRA
+        # weights and gradients stay float32). On a CPU with native bf16 (AVX512-BF16,
+        # AMX) bfloat16 made a QLoRA step 1.25-1.5x faster than float32 and its
+        # rounding is small next to nf4's own; without it bf16 is emulated, far slower.
+        compute_dtype = torch.bfloat16 if use_gpu or has_avx512bf16() else torch.float32
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -221,7 +226,7 @@ def build_model(base_model: str, parent_adapter: str | None, config: TrainConfig
         base = AutoModelForCausalLM.from_pretrained(
             base_model,
             quantization_config=quantization,
-            dtype=compute_dtype,
+            dtype=torch.bfloat16 if use_gpu else torch.float32,  # what is not quantised ends float32 below
             device_map={"": torch.cuda.current_device() if use_gpu else "cpu"},
         )
         # Recomputing activations saves GPU memory; on the CPU it only costs time.

@@ -21,9 +21,7 @@ bitsandbytes = pytest.importorskip(
     "bitsandbytes", reason="QLoRA needs bitsandbytes (scripts/setup.sh installs it with the train extra)"
 )
 
-QLORA = TrainConfig(
-    qlora=True, max_length=128, max_prompt_length=96, batch_size=2, max_steps=4, learning_rate=5e-4
-)
+QLORA = TrainConfig(qlora=True, max_length=128, max_prompt_length=96, batch_size=2, max_steps=4, learning_rate=5e-4)
 
 
 @pytest.fixture(scope="module")
