@@ -29,7 +29,7 @@ from typing import Any
 from store.examples import Example
 from store.exchange.pair_format import render_answer
 from trainer.config import TrainConfig
-from trainer.orpo import fitted_prompt, optimizer_name
+from trainer.orpo import fitted_prompt, stage_arguments
 
 MIN_EXAMPLES = 2
 """KTO's KL baseline pairs each answer with another example's prompt: one example alone cannot train."""
@@ -92,34 +92,12 @@ def kto_args(config: TrainConfig, use_gpu: bool, scratch_dir: Path, max_steps: i
 
     desirable_weight, undesirable_weight = label_weights(labels)
     return KTOConfig(
-        output_dir=str(scratch_dir),
-        learning_rate=config.learning_rate,
         beta=config.kto_beta,
         desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight,
-        num_train_epochs=config.epochs,
         max_steps=max_steps,
         per_device_train_batch_size=max(MIN_EXAMPLES, config.batch_size),
-        gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length,
-        seed=config.seed,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        disable_dropout=config.lora_dropout == 0.0,
-        optim=optimizer_name(config, use_gpu),
-        bf16=use_gpu,
-        fp16=False,
-        use_cpu=not use_gpu,
-        gradient_checkpointing=use_gpu,
-        logging_strategy="steps",
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_pin_memory=use_gpu,
+        **stage_arguments(config, use_gpu, scratch_dir),
     )
 
 

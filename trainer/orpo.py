@@ -294,33 +294,10 @@ def train(
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     args = ORPOConfig(
-        output_dir=str(scratch_dir),
-        learning_rate=config.learning_rate,
         beta=config.beta,
-        num_train_epochs=config.epochs,
         max_steps=step_budget(config, len(dataset)) if max_steps is None else max_steps,
         per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length,
-        seed=config.seed,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        # TRL's disable_dropout would also zero the LoRA dropout the config asks for.
-        disable_dropout=config.lora_dropout == 0.0,
-        optim=optimizer_name(config, use_gpu),
-        bf16=use_gpu,
-        fp16=False,
-        use_cpu=not use_gpu,
-        gradient_checkpointing=use_gpu,
-        logging_strategy="steps",
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_pin_memory=use_gpu,
+        **stage_arguments(config, use_gpu, scratch_dir),
     )
 
     step_metrics: list[dict[str, Any]] = []
@@ -376,6 +353,37 @@ def _publish(staging: Path, out_dir: Path) -> None:
     if out_dir.exists():
         raise FileExistsError(f"adapter folder {out_dir} appeared while training; adapter folders are immutable")
     os.rename(staging, out_dir)
+
+
+def stage_arguments(config: TrainConfig, use_gpu: bool, scratch_dir: Path) -> dict[str, Any]:
+    """The training arguments the ORPO and KTO stages share (everything but
+    their beta, step count and batch size)."""
+    return {
+        "output_dir": str(scratch_dir),
+        "learning_rate": config.learning_rate,
+        "num_train_epochs": config.epochs,
+        "gradient_accumulation_steps": config.grad_accum,
+        "max_length": config.max_length,
+        "seed": config.seed,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        # TRL's disable_dropout would also zero the LoRA dropout the config asks for.
+        "disable_dropout": config.lora_dropout == 0.0,
+        "optim": optimizer_name(config, use_gpu),
+        "bf16": use_gpu,
+        "fp16": False,
+        "use_cpu": not use_gpu,
+        "gradient_checkpointing": use_gpu,
+        "logging_strategy": "steps",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "remove_unused_columns": False,
+        "dataloader_pin_memory": use_gpu,
+    }
 
 
 def optimizer_name(config: TrainConfig, use_gpu: bool) -> str:
