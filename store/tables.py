@@ -237,7 +237,7 @@ class PreferencePair(SQLModel, table=True):
     prompt: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
     chosen: str = Field(sa_column=Column(Text, nullable=False))
     rejected: str = Field(sa_column=Column(Text, nullable=False))
-    source: str = Field(max_length=16, description="comparison | thumbs | import")
+    source: str = Field(max_length=16, description="comparison | thumbs | correction | import")
     split: str = Field(max_length=8, index=True, description="train | eval")
     content_hash: str = Field(max_length=64, unique=True)
     excluded_from_training: bool = Field(default=False, description="set by an admin")

@@ -2,7 +2,7 @@
 
 Pairs go out in the shapes TRL, Axolotl and LLaMA-Factory read (see
 ``store.exchange.formats``), as JSONL or Parquet, with metadata columns:
-``pair_id``, ``source`` (comparison | thumbs | import), ``split`` (train |
+``pair_id``, ``source`` (comparison | thumbs | correction | import), ``split`` (train |
 eval), ``chosen_adapter_version``/``rejected_adapter_version`` (the adapter
 that produced each answer, e.g. ``"v3"``; null for the base model and for
 imported pairs) and ``created_at`` (ISO 8601, UTC). Pairs an admin excluded
