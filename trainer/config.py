@@ -69,9 +69,9 @@ class TrainConfig:
         metadata={"help": "ORPO lambda: weight of the odds-ratio term against the NLL of the chosen answer."},
     )
     kto_beta: float = field(
-        default=0.1,
+        default=0.5,  # TRL's 0.1 let later thumbs-only runs move held-out thumbs the wrong way (bench/learning.py)
         metadata={"help": "KTO beta for single thumbs (trainer.kto): higher keeps the adapter closer to where "
-                  "the KTO stage started. TRL's default."},
+                  "the KTO stage started."},
     )
     epochs: float = field(default=3, metadata={"help": "Passes over the training pairs (at most max_steps steps)."})
     batch_size: int = field(default=4, metadata={"help": "Pairs per device per optimizer micro-step."})
