@@ -53,6 +53,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -415,6 +416,18 @@ def create_postgres_database(admin_url: str) -> tuple[str, Any]:
     return admin_url.rsplit("/", 1)[0] + f"/{name}", drop
 
 
+def writer_process_cpu_s(writer: Any) -> float:
+    """CPU seconds of the server's feedback writer process (store.writer_process), 0 for a writer thread."""
+    child = getattr(writer, "_child", None)
+    if child is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{child.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def run_one(database: str, args: argparse.Namespace, sizes: dict[str, Any], client: ClientProcess,
             loop_thread) -> dict[str, Any]:
     """One database: serve, seed, load, check. Returns its summary."""
@@ -425,6 +438,8 @@ def run_one(database: str, args: argparse.Namespace, sizes: dict[str, Any], clie
     server = None
     try:
         overrides: dict[str, Any] = {"engine": "fake", "rate_limits": False}
+        if args.writer != "auto":  # (a tree given with --code may predate the setting)
+            overrides["feedback_writer"] = args.writer
         if database == "postgresql":
             overrides["database_url"], drop = create_postgres_database(args.postgres)
         settings = bench_settings(data_dir, **overrides)
@@ -439,7 +454,7 @@ def run_one(database: str, args: argparse.Namespace, sizes: dict[str, Any], clie
         writer = getattr(getattr(server.app.state, "feedback", None), "writer", None)
         batches0 = writer.batches if writer is not None else None
         busy0 = writer.busy_s if writer is not None else None
-        cpu0 = cpu_seconds()
+        cpu0 = cpu_seconds() + writer_process_cpu_s(writer)
         log("%s: %d clients for %.0f s (+%.0f s warm-up)", database, sizes["concurrency"], sizes["duration"],
             args.warmup)
         run = client.call("bench.ingest:client_job", timeout=sizes["duration"] + args.warmup + 600,
@@ -447,7 +462,7 @@ def run_one(database: str, args: argparse.Namespace, sizes: dict[str, Any], clie
                           comparisons=seed["comparisons"], concurrency=sizes["concurrency"],
                           warmup_s=args.warmup, duration_s=sizes["duration"], timeout_s=args.timeout,
                           client=args.client)
-        server_cpu = cpu_seconds() - cpu0
+        server_cpu = cpu_seconds() + writer_process_cpu_s(writer) - cpu0  # the writer's child process included
         calibration_end = cpu_calibration_ms()
         batches = writer.batches - batches0 if writer is not None else None
         writer_busy = writer.busy_s - busy0 if writer is not None else None
@@ -518,6 +533,9 @@ def main() -> int:
     parser.add_argument("--code", type=Path, help="serve the server/ and store/ packages of this tree instead")
     parser.add_argument("--http", default="h11", choices=["h11", "httptools"],
                         help="uvicorn's HTTP parser (default h11, as `tuneloop serve`)")
+    parser.add_argument("--writer", default="auto", choices=["auto", "process", "thread"],
+                        help="TUNELOOP_FEEDBACK_WRITER: the group-commit writer in a child process (auto) or a "
+                        "thread of the server (the layout before)")
     parser.add_argument("--client", default="raw", choices=["raw", "httpx"],
                         help="load generator: lean keep-alive client (default) or httpx")
     parser.add_argument("--users", type=int, help="API users owning the data (default 8 quick, 32 full)")
@@ -562,6 +580,7 @@ def main() -> int:
         "code": str(Path(server.__file__).resolve().parent.parent),
         "engine": "fake (no generation involved)",
         "http": args.http,
+        "writer": args.writer,
         "client": args.client,
         "rate_limits": "off",
         **sizes,

@@ -34,7 +34,7 @@ from server.security_headers import SecurityHeaders
 from server.timeouts import BodyReadTimeout
 from server.upload_gate import AdminBeforeUpload
 from store.db import make_engine, session_scope, upgrade
-from store.feedback_writer import FeedbackWriter
+from store.writer_process import make_feedback_writer
 from store.presence import RENEW_S as PRESENCE_RENEW_S
 from store.run_lease import reap_stale_runs
 from store.settings import Settings
@@ -69,6 +69,7 @@ def create_app(
             log.warning("start-up bookkeeping postponed, the database is busy: %s", exc.orig)
             first_presence = 1.0
         presence = asyncio.create_task(answers.keep_presence(first_presence))
+        app.state.feedback.start()  # the writer process spawns now, not on the first thumb
         startup = asyncio.create_task(
             _start_serving(chat_engine, adapters, owns_engine, settings.adapter_poll_seconds, db.url)
         )
@@ -111,7 +112,7 @@ def create_app(
         settings, chat_engine, db, adapters, metrics, slots=app.state.generation_slots
     )
     app.state.api_key_cache = ApiKeyCache(settings.api_key_cache_seconds)
-    app.state.feedback = FeedbackIngest(FeedbackWriter(db, settings.eval_share))
+    app.state.feedback = FeedbackIngest(make_feedback_writer(db, settings.eval_share, settings.feedback_writer))
     app.state.templates = make_templates()
     app.state.login_throttle = LoginThrottle(settings.rate_limit_storage)
     app.state.started_at = time.time()

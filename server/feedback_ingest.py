@@ -18,13 +18,19 @@ from typing import cast
 
 from store.feedback import Choice, ChoiceRecorded, Recorded, Thumb, ThumbRecorded, Write
 from store.feedback_writer import FeedbackWriter
+from store.writer_process import WriterProcess
 
 
 class FeedbackIngest:
     """``app.state.feedback``: awaitable writes through one ``FeedbackWriter``."""
 
-    def __init__(self, writer: FeedbackWriter) -> None:
+    def __init__(self, writer: FeedbackWriter | WriterProcess) -> None:
         self.writer = writer
+
+    def start(self) -> None:
+        """Start a writer process now (a thread writer starts with its first write)."""
+        if isinstance(self.writer, WriterProcess):
+            self.writer.start()
 
     async def record(self, write: Write) -> Recorded:
         """Queue ``write`` and return once it is committed; raise why it was not."""

@@ -47,10 +47,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from store.errors import Conflict, NotStored, StoreError
-from store.feedback import Recorded, Write, apply
+from store.errors import Conflict, NotFound, NotStored, StoreError
+from store.feedback import Choice, Recorded, Write, apply
 from store.pairs import PairChanges
 
 log = logging.getLogger("tuneloop.feedback_writer")
@@ -113,6 +113,9 @@ class FeedbackWriter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._conn: Connection | None = None  # held between back-to-back batches (writer thread only)
+        self.after_batch: Callable[[], None] | None = None
+        """Called on the writer thread after each batch's callbacks (the writer
+        process sends the batch's answers back in one message)."""
 
     def submit(self, write: Write, done: Done) -> None:
         """Queue ``write``; ``done`` is called from the writer thread once it is
@@ -202,7 +205,7 @@ class FeedbackWriter:
                 self.committed += sum(1 for pending in todo if pending.error is None)
                 break
             except _Rejected as rejected:
-                rejected.pending.error = _refusal(rejected.error)
+                rejected.pending.error = _refusal(rejected.error, rejected.pending.write)
                 todo = [pending for pending in todo if pending is not rejected.pending]
             except Exception as exc:  # noqa: BLE001 - the database failed: nothing of this batch is stored
                 log.warning("a batch of %d feedback writes was not stored: %s", len(todo), exc)
@@ -213,6 +216,8 @@ class FeedbackWriter:
                 break
         for pending in batch:
             _call(pending.done, pending.result, pending.error)
+        if self.after_batch is not None:
+            self.after_batch()
 
     def _transaction(self, todo: list[_Pending]) -> None:
         changes = PairChanges()  # every write's pair changes, applied together before the commit
@@ -250,12 +255,29 @@ def _begin_writing(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _refusal(error: BaseException) -> BaseException:
-    """What to tell the caller of a write the database refused: a unique
-    constraint means another process recorded the same thumb at the same moment."""
+_NUMERIC_OUT_OF_RANGE = "22003"  # SQLSTATE class 22 "data exception": a number beyond the column's type
+
+
+def _refusal(error: BaseException, write: Write) -> BaseException:
+    """What to tell the caller of a write the database refused, as a store
+    error (it may cross a process boundary, where a driver's error loses what
+    identifies it): a unique constraint means another process recorded the
+    same thumb at the same moment; a number beyond the database's integers
+    (sqlite3's OverflowError, PostgreSQL's 22003) is an id no row can have."""
     if isinstance(error, IntegrityError):
         return Conflict("this feedback was recorded by another request at the same moment; send it again")
+    out_of_range = isinstance(error, OverflowError) or (
+        isinstance(error, DataError) and getattr(error.orig, "sqlstate", None) == _NUMERIC_OUT_OF_RANGE)
+    if out_of_range:
+        field, value = _target(write)
+        return NotFound(f"nothing has id {value}: it is beyond the database's range", field)
     return error
+
+
+def _target(write: Write) -> tuple[str, int]:
+    if isinstance(write, Choice):
+        return "comparison_id", write.comparison_id
+    return "message_id", write.message_id
 
 
 def _call(done: Done, result: Recorded | None, error: BaseException | None) -> None:

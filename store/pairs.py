@@ -29,6 +29,7 @@ no pair.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 from collections import defaultdict
@@ -177,6 +178,7 @@ def near_identical(a: str, b: str) -> bool:
             and matcher.ratio() >= NEAR_IDENTICAL)  # cheap upper bounds first
 
 
+@functools.lru_cache(maxsize=4096)  # an answer is compared with each of its siblings: normalise it once
 def _plain(text: str) -> str:
     return " ".join("".join(c for c in text.casefold() if c.isalnum() or c.isspace()).split())
 

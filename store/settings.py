@@ -112,6 +112,12 @@ class Settings(BaseSettings):
         200, description="Most messages (user and assistant) in one conversation."
     )
     max_request_bytes: int = Field(262_144, description="Largest accepted request body.")
+    feedback_writer: str = Field(
+        "auto", pattern="^(auto|process|thread)$",
+        description="Where thumbs, choices and corrections are committed (group commit): `process`, a child "
+        "process of the server with its own connection (the event loop and the writes then use two cores); "
+        "`thread`, a thread of the server's own interpreter; `auto`: a process, except for an in-memory SQLite.",
+    )
     body_timeout_seconds: float = Field(
         30.0, gt=0, description="Longest wait for the next part of a request body; a client that stalls "
         "longer gets 408 and its connection is closed."

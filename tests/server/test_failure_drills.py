@@ -70,8 +70,10 @@ def test_locked_database_gives_503_and_no_row(tmp_path):
 
 
 def test_full_disk_gives_503_and_only_whole_rows(tmp_path):
-    """SQLite reports a full disk as SQLITE_FULL; ``max_page_count`` produces exactly that."""
-    settings = make_settings(tmp_path)
+    """SQLite reports a full disk as SQLITE_FULL; ``max_page_count`` produces exactly that.
+    It is a pragma of each connection, set here on the server's engine, so the
+    writer runs as a thread on that engine (a writer process opens its own)."""
+    settings = make_settings(tmp_path, feedback_writer="thread")
     app = create_app(settings)
     user_id, key = _api_user(app.state.db)
     message_ids = _answers(app.state.db, user_id, 200)

@@ -10,6 +10,8 @@ meanwhile becomes its next batch."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -24,7 +26,20 @@ from store.db import make_engine, session_scope, upgrade
 from store.errors import Conflict, InvalidInput, NotFound, NotStored
 from store.feedback import Choice, ChoiceRecorded, Thumb, ThumbRecorded
 from store.feedback_writer import FeedbackWriter
+from store.writer_process import WriterProcess
 from store.tables import Comparison, Conversation, Feedback, Message, PreferencePair, User
+
+
+@pytest.fixture(params=["thread", "process"])
+def writer_kind(request) -> str:
+    """The group-commit writer in the server's interpreter, or in a child process."""
+    return request.param
+
+
+def _writer(db, kind: str, eval_share: float) -> FeedbackWriter | WriterProcess:
+    if kind == "thread":
+        return FeedbackWriter(db, eval_share=eval_share)
+    return WriterProcess(db.url.render_as_string(hide_password=False), eval_share=eval_share)
 
 
 @pytest.fixture
@@ -127,12 +142,14 @@ def _submit_while_locked(db, url: str, writer: FeedbackWriter, writes: dict, out
     outcomes.wait(len(keys))
 
 
-def test_concurrent_writes_share_a_transaction_and_are_acknowledged_after_it(db, database_url):
+def test_concurrent_writes_share_a_transaction_and_are_acknowledged_after_it(db, database_url, writer_kind):
     ids = _seed(db, answers=40)
     owner = ids["owner"]
     commits: list[int] = []
     event.listen(db, "commit", lambda conn: commits.append(1))
-    writer = FeedbackWriter(db, eval_share=0.0)
+    writer = _writer(db, writer_kind, eval_share=0.0)
+    if writer_kind == "process":
+        writer.start()  # the child is up before the lock is taken (its first connect would wait on it)
     rating = {m: "down" if i % 2 else "up" for i, m in enumerate(ids["answers"])}
     writes: dict = {f"m{m}": Thumb(owner, m, rating[m], f"c{i}", ("t",)) for i, m in enumerate(ids["answers"])}
     writes["choice"] = Choice(owner, ids["comparison"], "b")
@@ -141,7 +158,8 @@ def test_concurrent_writes_share_a_transaction_and_are_acknowledged_after_it(db,
     writer.close()
 
     assert all(error is None for _, error in outcomes.by_key.values()), outcomes.by_key
-    assert writer.batches == 2 and len(commits) == 2 and writer.committed == len(writes)
+    assert writer.batches == 2 and writer.committed == len(writes)
+    assert len(commits) == (2 if writer_kind == "thread" else 0)  # a writer process commits on its own engine
     thumb = outcomes.by_key[f"m{ids['answers'][3]}"][0]
     assert isinstance(thumb, ThumbRecorded) and (thumb.rating, thumb.comment, thumb.tags) == ("down", "c3", ["t"])
     choice = outcomes.by_key["choice"][0]
@@ -160,10 +178,12 @@ def test_concurrent_writes_share_a_transaction_and_are_acknowledged_after_it(db,
     assert comparison.winner == "b" and conversation.current_leaf_id == ids["answers"][1]
 
 
-def test_a_refused_write_fails_alone_and_the_rest_of_its_batch_commits(db, database_url):
+def test_a_refused_write_fails_alone_and_the_rest_of_its_batch_commits(db, database_url, writer_kind):
     ids = _seed(db)
     owner, stranger, (a0, a1, a2, *_) = ids["owner"], ids["stranger"], ids["answers"]
-    writer = FeedbackWriter(db, eval_share=0.0)
+    writer = _writer(db, writer_kind, eval_share=0.0)
+    if writer_kind == "process":
+        writer.start()
     writes = {
         "first": Thumb(owner, a0, "up"),
         "stranger": Thumb(stranger, a1, "up"),
@@ -334,3 +354,33 @@ def test_a_batch_ends_as_the_same_writes_one_transaction_each(db, database_url, 
     assert _state(db, ids) == _state(reference, reference_ids)
     assert _state(db, ids)[2], "the plan made pairs"
     reference.dispose()
+
+
+def test_a_killed_writer_process_fails_what_it_held_and_the_next_write_starts_a_new_one(db, database_url):
+    ids = _seed(db)
+    owner, (a0, a1, a2, a3, *_) = ids["owner"], ids["answers"]
+    writer = _writer(db, "process", eval_share=0.0)
+    first = _Outcomes()
+    writer.submit(Thumb(owner, a0, "up"), first.callback("first"))
+    first.wait(1)
+    assert first.by_key["first"][1] is None
+    killed = writer._child.process
+
+    held = _Outcomes()
+    with _write_lock_held(database_url):  # the child waits on the lock with the writes in hand
+        for key, answer in (("a1", a1), ("a2", a2)):
+            writer.submit(Thumb(owner, answer, "down"), held.callback(key))
+        time.sleep(0.5)
+        assert held.by_key == {}
+        os.kill(killed.pid, signal.SIGKILL)
+        held.wait(2, timeout=10)
+    assert {key: type(error) for key, (_, error) in held.by_key.items()} == {"a1": NotStored, "a2": NotStored}
+    assert "may not have been saved" in str(held.by_key["a1"][1])
+
+    after = _Outcomes()
+    writer.submit(Thumb(owner, a3, "down"), after.callback("after"))
+    after.wait(1)
+    writer.close()
+    assert after.by_key["after"][1] is None and not killed.is_alive()
+    with Session(db) as s:
+        assert {f.message_id: f.rating for f in s.exec(select(Feedback))} == {a0: "up", a3: "down"}
