@@ -34,10 +34,10 @@ from server.security_headers import SecurityHeaders
 from server.timeouts import BodyReadTimeout
 from server.upload_gate import AdminBeforeUpload
 from store.db import make_engine, session_scope, upgrade
-from store.writer_process import make_feedback_writer
 from store.presence import RENEW_S as PRESENCE_RENEW_S
 from store.run_lease import reap_stale_runs
 from store.settings import Settings
+from store.writer_process import make_feedback_writer
 
 log = logging.getLogger("tuneloop.app")
 

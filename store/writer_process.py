@@ -31,6 +31,7 @@ stays the writer there (``make_feedback_writer``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import pickle
@@ -216,11 +217,9 @@ def _child_main(pipe: Pipe, url: str, eval_share: float, max_batch: int) -> None
     def after_batch() -> None:  # on the writer thread, after a batch's commit
         with send_lock:
             batch, answers[:] = list(answers), []
-            try:
+            with contextlib.suppress(OSError, ValueError):  # the server is gone: nobody waits for them
                 pipe.send(("answers", [_picklable(answer) for answer in batch],
                            writer.batches, writer.committed, writer.busy_s))
-            except (OSError, ValueError):
-                pass  # the server is gone: nobody waits for these answers
 
     writer.after_batch = after_batch
     pipe.send(("ready",))

@@ -26,6 +26,7 @@ from server.deps import (
 )
 from server.errors import ApiError
 from server.identity import BrowserSession
+from server.redirects import safe_next
 from store import accounts
 from store.errors import StoreError
 from store.settings import Settings
@@ -37,13 +38,6 @@ Username = Annotated[str, Form(max_length=200)]
 Password = Annotated[str, Form(max_length=accounts.MAX_PASSWORD_CHARS + 1)]
 Next = Annotated[str, Form(max_length=2000)]
 CsrfField = Annotated[str, Form(alias=csrf.CSRF_FIELD, max_length=200)]
-
-
-def safe_next(target: str | None) -> str:
-    """Where to go after signing in: a path on this site only (no open redirect)."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return "/"
 
 
 def _check_csrf(settings: Settings, browser: BrowserSession, token: str) -> None:

@@ -26,8 +26,8 @@ from store.db import make_engine, session_scope, upgrade
 from store.errors import Conflict, InvalidInput, NotFound, NotStored
 from store.feedback import Choice, ChoiceRecorded, Thumb, ThumbRecorded
 from store.feedback_writer import FeedbackWriter
-from store.writer_process import WriterProcess
 from store.tables import Comparison, Conversation, Feedback, Message, PreferencePair, User
+from store.writer_process import WriterProcess
 
 
 @pytest.fixture(params=["thread", "process"])

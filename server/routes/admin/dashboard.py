@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.routing import APIRoute
 
+from server import redirects
 from server.csrf import SAFE_METHODS
 from server.deps import LoginRequired
 from server.rendering import is_htmx
@@ -28,10 +29,8 @@ LOGIN_PATH = "/admin/login"
 
 
 def safe_next(target: str | None) -> str:
-    """Where to go after signing in: a dashboard path only (no open redirect)."""
-    if target and target.startswith("/admin") and not target.startswith(("//", "/admin/login")) and "\\" not in target:
-        return target
-    return "/admin"
+    """Where to go after signing in to the dashboard: a dashboard path only."""
+    return redirects.safe_next(target, within="/admin", fallback="/admin", refuse=(LOGIN_PATH,))
 
 
 def login_redirect(request: Request) -> Response:
