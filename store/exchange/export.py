@@ -40,7 +40,7 @@ from store.exchange.formats import FORMATS, llamafactory_dataset_info, to_record
 from store.exchange.pair_format import Pair
 from store.pairs import build_pairs
 from store.selection import eligible_pairs
-from store.tables import Comparison, Feedback, Message, PreferencePair, User
+from store.tables import Comparison, Correction, Feedback, Message, PreferencePair, User
 
 UNPAIRED = "trl-unpaired"
 EXPORT_FORMATS = (*FORMATS, UNPAIRED, "feedback")
@@ -50,8 +50,10 @@ FEEDBACK_FIELDS = (
     "kind", "id", "user_id", "conversation_id", "prompt",
     "message_id", "answer", "adapter_version", "rating", "comment", "tags",
     "message_a_id", "answer_a", "adapter_version_a", "message_b_id", "answer_b", "adapter_version_b", "winner",
-    "excluded_from_training", "created_at", "updated_at",
+    "correction", "excluded_from_training", "created_at", "updated_at",
 )
+"""One row per thumb (``kind`` thumb), decided A/B choice (comparison) and
+correction (correction: ``answer`` is the model's, ``correction`` the user's text)."""
 
 Progress = Callable[..., Iterable[Any]]
 
@@ -288,17 +290,30 @@ def _feedback_rows(session: Session, since: datetime | None, progress: Progress)
     contexts = _Contexts(session)
     thumbs_query = select(Feedback).order_by(col(Feedback.id))
     choices_query = select(Comparison).where(col(Comparison.winner).is_not(None)).order_by(col(Comparison.id))
+    corrections_query = select(Correction).order_by(col(Correction.id))
     if since is not None:
         thumbs_query = thumbs_query.where(col(Feedback.created_at) >= since)
         choices_query = choices_query.where(col(Comparison.created_at) >= since)
+        corrections_query = corrections_query.where(col(Correction.created_at) >= since)
     thumbs = session.exec(thumbs_query).all()
     choices = session.exec(choices_query).all()
+    corrections = session.exec(corrections_query).all()
     rows = []
-    for item in progress([*thumbs, *choices], total=len(thumbs) + len(choices), desc="export feedback"):
+    items = [*thumbs, *choices, *corrections]
+    for item in progress(items, total=len(items), desc="export feedback"):
         row: dict[str, Any] = dict.fromkeys(FEEDBACK_FIELDS)
         row["id"], row["user_id"] = item.id, item.user_id
         row["created_at"] = _iso(item.created_at)
-        if isinstance(item, Feedback):
+        if isinstance(item, Correction):
+            message = session.get(Message, item.message_id)
+            row.update(
+                kind="correction", conversation_id=message.conversation_id, prompt=contexts.before(message),
+                message_id=message.id, answer=message.content, adapter_version=message.adapter_version,
+                correction=item.content, tags=[],
+                excluded_from_training=item.user_id in excluded_users or message.excluded_from_training,
+                updated_at=_iso(item.updated_at),
+            )
+        elif isinstance(item, Feedback):
             message = session.get(Message, item.message_id)
             row.update(
                 kind="thumb", conversation_id=message.conversation_id, prompt=contexts.before(message),

@@ -133,7 +133,7 @@ def detect_format(columns: set[str]) -> str:
         return "trl"
     if columns & FEEDBACK_COLUMNS:
         raise ValueError(
-            "this looks like a raw feedback export (thumbs and A/B choices); those are for analysis and "
+            "this looks like a raw feedback export (thumbs, A/B choices and corrections); those are for analysis and "
             "cannot be imported. Import a pair export (--format trl, axolotl or llamafactory) instead"
         )
     raise ValueError(

@@ -18,12 +18,13 @@ from sqlmodel import Session, col, select
 from server.app import create_app
 from server.cli import main
 from store.conversations import add_message, start_conversation
+from store.corrections import record_correction
 from store.db import make_engine, session_scope, upgrade
 from store.exchange.export import NothingToExport, export_dataset, parse_since
 from store.exchange.importing import DatasetImportError, import_dataset
 from store.pairs import build_pairs
 from store.selection import select_for_run
-from store.tables import Comparison, Feedback, ImportBatch, ImportBatchPair, PreferencePair, User
+from store.tables import Comparison, Feedback, ImportBatch, ImportBatchPair, Message, PreferencePair, User
 from tests.conftest import make_settings
 
 FORMATS = ("trl", "axolotl", "llamafactory")
@@ -149,8 +150,12 @@ def test_export_filters_by_split_and_since(db, tmp_path):
     assert splits <= {"train", "eval"} and past.rows == 2
 
 
-def test_feedback_export_has_thumbs_and_choices(db, tmp_path):
+def test_feedback_export_has_thumbs_choices_and_corrections(db, tmp_path):
     seed(db)
+    with session_scope(db) as s:
+        alice = s.exec(select(User).where(User.name == "alice")).one()
+        five = s.exec(select(Message).where(Message.content == "5")).one()
+        record_correction(s, alice, five.id, "2 + 2 = 4.", max_chars=8000, eval_share=0.5)
     with Session(db) as s:
         jsonl = export_dataset(s, "feedback", tmp_path / "fb.jsonl")
         parquet = export_dataset(s, "feedback", tmp_path / "fb.parquet", file_format="parquet")
@@ -164,6 +169,11 @@ def test_feedback_export_has_thumbs_and_choices(db, tmp_path):
     assert up["prompt"][-1] == {"role": "user", "content": "What is 2+2?"} and up["message_id"] is not None
     assert {c["winner"] for c in choices} == {"a", "b", "tie"}
     assert [c["excluded_from_training"] for c in choices if c["winner"] == "b"] == [True]
+    (correction,) = [r for r in rows if r["kind"] == "correction"]
+    assert (correction["answer"], correction["correction"], correction["excluded_from_training"]) == (
+        "5", "2 + 2 = 4.", False)
+    assert correction["prompt"][-1] == {"role": "user", "content": "What is 2+2?"}
+    assert all(r["correction"] is None for r in rows if r["kind"] != "correction")
 
 
 def test_pairs_llamafactory_cannot_hold_are_skipped_and_counted(db, tmp_path):
