@@ -6,14 +6,10 @@ batch commits. A live server (uvicorn, fake engine), SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import sqlite3
 import time
 
 import httpx
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
 from sqlmodel import Session, select
 
 from server.engine.fake import FakeChatEngine
@@ -23,6 +19,7 @@ from store.db import session_scope
 from store.tables import Comparison, Conversation, Feedback, Message, PreferencePair, User
 from tests.conftest import make_settings
 from tests.support.live import start_live_server
+from tests.support.write_lock import write_lock_held
 
 
 @pytest.fixture
@@ -74,25 +71,6 @@ def _seed(db, user_id: int, answers: int, comparisons: int) -> tuple[list[int], 
         return [m.id for m in done], [c.id for c in pairs], odd
 
 
-@contextlib.contextmanager
-def _write_lock_held(url: str):
-    if url.startswith("sqlite"):
-        blocker = sqlite3.connect(make_url(url).database, timeout=1)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            yield
-        finally:
-            blocker.rollback()
-            blocker.close()
-        return
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        conn.exec_driver_sql("LOCK TABLE feedback, comparisons IN ACCESS EXCLUSIVE MODE")
-        try:
-            yield
-        finally:
-            conn.rollback()
-    engine.dispose()
 
 
 def _until(condition, timeout: float = 30) -> None:
@@ -168,7 +146,7 @@ def test_one_bad_write_in_a_batch_gets_its_own_error_and_the_others_commit(serve
         return httpx.post(server.base_url + path, json=body, headers=headers, timeout=60)
 
     with concurrent.futures.ThreadPoolExecutor(len(calls) + 1) as pool:
-        with _write_lock_held(database_url):
+        with write_lock_held(database_url):
             first = pool.submit(post, (thumb.format(answers[0]), {"rating": "up"}, alice, 200))
             _until(lambda: writer.submitted == 1)
             time.sleep(0.2)  # the writer took it and waits for the lock; the rest queue behind as one batch

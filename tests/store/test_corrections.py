@@ -7,14 +7,7 @@ whose choice builds the pair. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-import threading
-import time
-
 import pytest
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
 from sqlmodel import Session, col, select
 
 from store.conversations import start_retry
@@ -36,6 +29,7 @@ from store.tables import (
     TrainingRunPair,
     User,
 )
+from tests.support.write_lock import Outcomes, submit_while_locked
 
 MAX_CHARS = 200
 SAMPLING = {"temperature": 0.7, "max_tokens": 8}
@@ -195,56 +189,20 @@ def test_an_excluded_users_correction_makes_its_pair_once_they_are_included_agai
         assert build_pairs(s, eval_share=0.0).added == 0
 
 
-@contextlib.contextmanager
-def _corrections_locked(url: str):
-    """Another connection holds the corrections table until the block ends."""
-    if url.startswith("sqlite"):
-        blocker = sqlite3.connect(make_url(url).database, timeout=1)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            yield
-        finally:
-            blocker.rollback()
-            blocker.close()
-        return
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        conn.exec_driver_sql("LOCK TABLE corrections IN ACCESS EXCLUSIVE MODE")
-        try:
-            yield
-        finally:
-            conn.rollback()
-    engine.dispose()
 
 
 def test_corrections_in_one_writer_batch_leave_the_last_one_and_its_pair(db, database_url):
     ids = _seed(db)
     writer = FeedbackWriter(db, eval_share=0.0)
-    done: dict[str, tuple] = {}
-    answered = threading.Event()
-
-    def callback(key: str):
-        def record(result, error):
-            done[key] = (result, error)
-            if len(done) == 4:
-                answered.set()
-        return record
-
     writes = {
         "stranger": CorrectionWrite(ids["stranger"], ids["answer"], "Four.", MAX_CHARS),
         "first": CorrectionWrite(ids["owner"], ids["answer"], "Four.", MAX_CHARS),
         "second": CorrectionWrite(ids["owner"], ids["answer"], "It is 4.", MAX_CHARS),
         "copy": CorrectionWrite(ids["owner"], ids["answer"], "It is 5.", MAX_CHARS),
     }
-    with _corrections_locked(database_url):
-        # the first write alone: the writer takes it and waits on the lock; the rest queue as one batch
-        writer.submit(writes["stranger"], callback("stranger"))
-        time.sleep(0.3)
-        for key in ("first", "second", "copy"):
-            writer.submit(writes[key], callback(key))
-        time.sleep(0.3)
-        assert done == {}, "acknowledged before the commit"
-    assert answered.wait(60)
+    outcomes = Outcomes()
+    submit_while_locked(database_url, writer, writes, outcomes, tables=("corrections",))
+    done = outcomes.by_key
     writer.close()
     errors = {key: type(error) for key, (_, error) in done.items() if error is not None}
     assert errors == {"copy": InvalidInput, "stranger": NotFound}

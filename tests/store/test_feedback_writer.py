@@ -9,16 +9,13 @@ meanwhile becomes its next batch."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import sqlite3
 import threading
 import time
 
 import pytest
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
@@ -28,6 +25,7 @@ from store.feedback import Choice, ChoiceRecorded, Thumb, ThumbRecorded
 from store.feedback_writer import FeedbackWriter
 from store.tables import Comparison, Conversation, Feedback, Message, PreferencePair, User
 from store.writer_process import WriterProcess
+from tests.support.write_lock import Outcomes, submit_while_locked, write_lock_held
 
 
 @pytest.fixture(params=["thread", "process"])
@@ -84,62 +82,6 @@ def _seed(db, answers: int = 6) -> dict:
                 "comparison": comparison.id, "unfinished": unfinished.id}
 
 
-@contextlib.contextmanager
-def _write_lock_held(url: str):
-    """Another connection holds the tables the writer needs until the block ends."""
-    if url.startswith("sqlite"):
-        blocker = sqlite3.connect(make_url(url).database, timeout=1)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            yield
-        finally:
-            blocker.rollback()
-            blocker.close()
-        return
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        conn.exec_driver_sql("LOCK TABLE feedback, comparisons IN ACCESS EXCLUSIVE MODE")
-        try:
-            yield
-        finally:
-            conn.rollback()
-    engine.dispose()
-
-
-class _Outcomes:
-    """Collects each write's (result, error) from the writer thread."""
-
-    def __init__(self) -> None:
-        self.by_key: dict[str, tuple] = {}
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-
-    def callback(self, key: str):
-        def done(result, error):
-            with self._changed:
-                self.by_key[key] = (result, error)
-                self._changed.notify_all()
-        return done
-
-    def wait(self, count: int, timeout: float = 60) -> None:
-        with self._changed:
-            if not self._changed.wait_for(lambda: len(self.by_key) >= count, timeout):
-                raise AssertionError(f"only {len(self.by_key)} of {count} writes were answered")
-
-
-def _submit_while_locked(db, url: str, writer: FeedbackWriter, writes: dict, outcomes: _Outcomes) -> None:
-    """Submit the first write alone (the writer takes it and waits on the
-    lock), then the rest (they queue as the next batch); nothing may be
-    acknowledged before the lock goes."""
-    keys = list(writes)
-    with _write_lock_held(url):
-        writer.submit(writes[keys[0]], outcomes.callback(keys[0]))
-        time.sleep(0.3)
-        for key in keys[1:]:
-            writer.submit(writes[key], outcomes.callback(key))
-        time.sleep(0.3)
-        assert outcomes.by_key == {}, "acknowledged before the commit"
-    outcomes.wait(len(keys))
 
 
 def test_concurrent_writes_share_a_transaction_and_are_acknowledged_after_it(db, database_url, writer_kind):
@@ -153,8 +95,8 @@ def test_concurrent_writes_share_a_transaction_and_are_acknowledged_after_it(db,
     rating = {m: "down" if i % 2 else "up" for i, m in enumerate(ids["answers"])}
     writes: dict = {f"m{m}": Thumb(owner, m, rating[m], f"c{i}", ("t",)) for i, m in enumerate(ids["answers"])}
     writes["choice"] = Choice(owner, ids["comparison"], "b")
-    outcomes = _Outcomes()
-    _submit_while_locked(db, database_url, writer, writes, outcomes)
+    outcomes = Outcomes()
+    submit_while_locked(database_url, writer, writes, outcomes)
     writer.close()
 
     assert all(error is None for _, error in outcomes.by_key.values()), outcomes.by_key
@@ -198,8 +140,8 @@ def test_a_refused_write_fails_alone_and_the_rest_of_its_batch_commits(db, datab
         "choice": Choice(owner, ids["comparison"], "b"),
         "again": Thumb(owner, a2, "up"),
     }
-    outcomes = _Outcomes()
-    _submit_while_locked(db, database_url, writer, writes, outcomes)
+    outcomes = Outcomes()
+    submit_while_locked(database_url, writer, writes, outcomes)
     writer.close()
 
     errors = {key: type(error) for key, (_, error) in outcomes.by_key.items() if error is not None}
@@ -226,7 +168,7 @@ def test_a_changed_thumb_or_choice_withdraws_its_old_pairs(db):
     writer = FeedbackWriter(db, eval_share=0.0)
 
     def write(w):
-        outcomes = _Outcomes()
+        outcomes = Outcomes()
         writer.submit(w, outcomes.callback("w"))
         outcomes.wait(1)
         result, error = outcomes.by_key["w"]
@@ -257,13 +199,13 @@ def test_a_failed_commit_fails_every_write_of_its_batch_and_the_writer_goes_on(t
     ids = _seed(db)
     owner, answers = ids["owner"], ids["answers"]
     writer = FeedbackWriter(db, eval_share=0.0)
-    outcomes = _Outcomes()
-    with _write_lock_held(url):
+    outcomes = Outcomes()
+    with write_lock_held(url):
         for m in answers[:3]:
             writer.submit(Thumb(owner, m, "up"), outcomes.callback(str(m)))
         outcomes.wait(3)
     assert {type(error) for _, error in outcomes.by_key.values()} == {OperationalError}
-    later = _Outcomes()
+    later = Outcomes()
     writer.submit(Thumb(owner, answers[0], "up"), later.callback("later"))
     later.wait(1)
     assert later.by_key["later"][1] is None
@@ -277,9 +219,9 @@ def test_close_drains_the_queue_then_refuses_until_it_returns(db, database_url):
     ids = _seed(db, answers=20)
     owner = ids["owner"]
     writer = FeedbackWriter(db, eval_share=0.0)
-    outcomes = _Outcomes()
+    outcomes = Outcomes()
     closing = threading.Thread(target=writer.close)
-    with _write_lock_held(database_url):
+    with write_lock_held(database_url):
         for m in ids["answers"]:
             writer.submit(Thumb(owner, m, "up"), outcomes.callback(str(m)))
         closing.start()
@@ -292,7 +234,7 @@ def test_close_drains_the_queue_then_refuses_until_it_returns(db, database_url):
     assert len(outcomes.by_key) == 20 and all(error is None for _, error in outcomes.by_key.values())
     with Session(db) as s:
         assert len(s.exec(select(Feedback)).all()) == 20
-    reopened = _Outcomes()
+    reopened = Outcomes()
     writer.submit(Thumb(owner, ids["answers"][0], "down"), reopened.callback("after"))
     reopened.wait(1)
     assert reopened.by_key["after"][1] is None
@@ -339,15 +281,15 @@ def test_a_batch_ends_as_the_same_writes_one_transaction_each(db, database_url, 
 
     one_by_one = FeedbackWriter(reference, eval_share=0.5)
     for step in plan:
-        outcomes = _Outcomes()
+        outcomes = Outcomes()
         one_by_one.submit(write(reference_ids, step), outcomes.callback("w"))
         outcomes.wait(1)
     one_by_one.close()
     assert one_by_one.batches == len(plan)
 
     batched = FeedbackWriter(db, eval_share=0.5)
-    outcomes = _Outcomes()
-    _submit_while_locked(db, database_url, batched, {f"w{i}": write(ids, step) for i, step in enumerate(plan)},
+    outcomes = Outcomes()
+    submit_while_locked(database_url, batched, {f"w{i}": write(ids, step) for i, step in enumerate(plan)},
                          outcomes)
     batched.close()
     assert batched.batches == 2 and all(error is None for _, error in outcomes.by_key.values())
@@ -360,14 +302,14 @@ def test_a_killed_writer_process_fails_what_it_held_and_the_next_write_starts_a_
     ids = _seed(db)
     owner, (a0, a1, a2, a3, *_) = ids["owner"], ids["answers"]
     writer = _writer(db, "process", eval_share=0.0)
-    first = _Outcomes()
+    first = Outcomes()
     writer.submit(Thumb(owner, a0, "up"), first.callback("first"))
     first.wait(1)
     assert first.by_key["first"][1] is None
     killed = writer._child.process
 
-    held = _Outcomes()
-    with _write_lock_held(database_url):  # the child waits on the lock with the writes in hand
+    held = Outcomes()
+    with write_lock_held(database_url):  # the child waits on the lock with the writes in hand
         for key, answer in (("a1", a1), ("a2", a2)):
             writer.submit(Thumb(owner, answer, "down"), held.callback(key))
         time.sleep(0.5)
@@ -377,7 +319,7 @@ def test_a_killed_writer_process_fails_what_it_held_and_the_next_write_starts_a_
     assert {key: type(error) for key, (_, error) in held.by_key.items()} == {"a1": NotStored, "a2": NotStored}
     assert "may not have been saved" in str(held.by_key["a1"][1])
 
-    after = _Outcomes()
+    after = Outcomes()
     writer.submit(Thumb(owner, a3, "down"), after.callback("after"))
     after.wait(1)
     writer.close()
