@@ -23,7 +23,10 @@ import matplotlib
 matplotlib.use("Agg")
 
 from markupsafe import Markup  # noqa: E402  (after choosing the backend)
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from store.leaderboard import HistoryPoint, version_order  # noqa: E402
 
 COLORS = ["#2f6feb", "#d9480f", "#2b8a3e", "#862e9c"]
 UP_COLOR, DOWN_COLOR = "#2b8a3e", "#c62828"
@@ -188,3 +191,39 @@ def daily_feedback_chart(days: Sequence[date], up: Sequence[int], down: Sequence
         axes.grid(True, axis="y", alpha=0.3)
         axes.legend(frameon=False, fontsize=8)
     return _svg(figure, "chart-feedback-daily", "Thumbs up and down per day")
+
+
+def leaderboard_chart(history: Sequence[HistoryPoint], anchor_score: float) -> Markup | None:
+    """Each version's leaderboard score as the votes accumulate (one refit per
+    point, ``store.leaderboard.score_history``), or None without points. The x
+    axis is the time of each point's last vote (the vote count where a time is
+    missing or all points share one); a version's line starts at its first
+    cross-version vote."""
+    if not history:
+        return None
+    # a date axis around a single moment spans years: count votes instead
+    dated = all(point.at is not None for point in history) and len({point.at for point in history}) > 1
+    versions = sorted({v for point in history for v in point.scores}, key=version_order)
+    palette = matplotlib.colormaps["tab10"]
+    with matplotlib.rc_context(_STYLE):
+        figure = _figure()
+        axes = figure.axes[0]
+        axes.axhline(anchor_score, color="#999999", linewidth=0.8, linestyle="--")
+        for i, version in enumerate(versions):
+            points = [p for p in history if version in p.scores]
+            xs = [p.at if dated else p.votes for p in points]
+            axes.plot(xs, [p.scores[version] for p in points], marker="o", markersize=3, linewidth=1.6,
+                      color=palette(i % 10), label=version, gid=f"series-{_slug(version)}")
+        axes.set_title("Score as the votes accumulate", loc="left", fontsize=10)
+        axes.set_ylabel("score (Elo scale)")
+        if dated:
+            locator = AutoDateLocator()
+            axes.xaxis.set_major_locator(locator)
+            axes.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+        else:
+            axes.set_xlabel("votes counted")
+            axes.set_xlim(0, history[-1].votes * 1.05)
+            axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(True, alpha=0.3)
+        axes.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _svg(figure, "chart-leaderboard", "Leaderboard score of each version as the votes accumulate")

@@ -23,7 +23,7 @@ from tests.support.html import parse
 
 TOKEN = "dev-admin-token"
 PAGES = ["/admin", "/admin/feedback", "/admin/conversations", "/admin/pairs", "/admin/runs", "/admin/adapters",
-         "/admin/keys", "/admin/runs/1", "/admin/adapters/v2/lineage", "/admin/conversations/1"]
+         "/admin/keys", "/admin/runs/1", "/admin/adapters/v2/lineage", "/admin/conversations/1", "/admin/leaderboard"]
 
 
 def dashboard_settings(tmp_path, **overrides):

@@ -144,6 +144,25 @@ def test_run_page_shows_the_orpo_curves_as_svg_lines(dashboard, page):
     assert page.locator("#run-status").get_attribute("hx-trigger") is None
 
 
+def test_leaderboard_renders_the_table_and_the_chart(dashboard, page):
+    """The seeded store has one cross-version vote (base vs v2, both bad: half
+    a win each) and one v2-vs-v2 vote; v1 served but was never compared."""
+    server, _ = dashboard
+    sign_in(page, server)
+    page.wait_for_url("**/admin/feedback")
+    page.click("nav.admin-nav a[href='/admin/leaderboard']")
+    page.wait_for_url("**/admin/leaderboard")
+    rows = page.locator("#leaderboard-table tbody tr")
+    rows.first.wait_for()
+    assert [rows.nth(i).get_attribute("data-version") for i in range(rows.count())] == ["base", "v2", "v1"]
+    assert page.locator("#leaderboard-table tr.active-row").get_attribute("data-version") == "v2"
+    assert "no A/B votes" in page.locator("tr[data-version=v1] td.note").inner_text()
+    for version in ("base", "v2"):
+        box = page.locator(f"figure#plot-leaderboard svg g#series-{version} path").first.bounding_box()
+        assert box is not None and box["height"] > 0, f"{version} is not drawn: {box}"
+    shoot(page, "15-leaderboard")
+
+
 def test_filters_swap_results_and_push_the_url(dashboard, page):
     server, _ = dashboard
     sign_in(page, server)

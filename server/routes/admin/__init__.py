@@ -7,7 +7,8 @@ API (``/api/admin/...``) and its dashboard pages (``/admin/...``) side by side:
 - ``runs``: retraining cycles and their runs;
 - ``adapters``: adapter versions, activation, rollback, lineage;
 - ``keys``: API keys;
-- ``users``: accounts, the busiest identities, exclusion from training.
+- ``users``: accounts, the busiest identities, exclusion from training;
+- ``leaderboard``: versions ranked by the A/B votes between them.
 
 ``shapes`` holds the JSON shapes they share; ``dashboard`` the routers and the
 sign-in redirect every page route uses.
@@ -17,9 +18,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.routes.admin import adapters, datasets, feedback, keys, runs, session, users
+from server.routes.admin import adapters, datasets, feedback, keys, leaderboard, runs, session, users
 
 ROUTERS: tuple[APIRouter, ...] = (
-    runs.api, adapters.api, datasets.api, users.api,
-    session.pages, feedback.pages, runs.pages, adapters.pages, keys.pages, users.pages,
+    runs.api, adapters.api, datasets.api, users.api, leaderboard.api,
+    session.pages, feedback.pages, runs.pages, adapters.pages, keys.pages, users.pages, leaderboard.pages,
 )
