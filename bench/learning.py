@@ -74,11 +74,22 @@ Usage::
     .venv/bin/python bench/learning.py --population corrections --taste casual
     .venv/bin/python bench/learning.py --cycles 6     # the plateau check
     .venv/bin/python bench/learning.py --quick --population thumbs --cycles 1 --turns 12 --heldout 8  # smoke
+    .venv/bin/python bench/learning.py --selection-only   # A/B selection only, no training (12-17 min, 2 busy cores)
+    .venv/bin/python bench/learning.py --quick --ab-selection uncertainty   # the server picks the A/B turns
+
+``--selection-only`` asks whether choosing A/B turns by the model's
+uncertainty (``TUNELOOP_AB_SELECTION=uncertainty``) makes more of them
+informative than choosing at random at the same budget: a pool of prompts
+(``--pool``) each gets ``--pairs-per-prompt`` comparisons and its uncertainty
+probed at several lengths; both selectors are replayed over that one
+measured pool at ``--ab-rate``. Writes
+``bench/results/learning-ab-selection-<taste>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures as cf
 import json
 import math
@@ -362,20 +373,28 @@ class Users:
     def headers(self, i: int) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[i % len(self.keys)]}"}
 
-    def ab_turn(self, i: int, prompt: str, seed: int, taste: Taste = TASTES[DEFAULT_TASTE]) -> dict:
+    def ab_turn(self, i: int, prompt: str, seed: int, taste: Taste = TASTES[DEFAULT_TASTE],
+                only_if_selected: bool = False) -> dict:
+        """An A/B turn, chosen by ``taste``. ``only_if_selected``: the server's
+        A/B selection (TUNELOOP_AB_SELECTION) decides first; a context it passes
+        over gets one answer (kind ``passed_over``), which this user leaves unrated."""
         h = self.headers(i)
         made = self.post("/api/comparisons", h, {
             "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,
-            "temperature": 1.0, "seed": seed,
+            "temperature": 1.0, "seed": seed, **({"only_if_selected": True} if only_if_selected else {}),
         })
         made.raise_for_status()
         body = made.json()
+        if body["b"] is None:
+            a = body["a"]
+            return {"kind": "passed_over", "adapter": a["adapter"], "answers": [(a["content"], a["finish_reason"])],
+                    "selection": body["selection"]}
         winner = taste.choose(body["a"], body["b"])
         chosen = self.post(f"/api/comparisons/{body['id']}/choice", h, {"winner": winner})
         chosen.raise_for_status()
         answers = [(body[s]["content"], body[s]["finish_reason"]) for s in ("a", "b")]
         return {"kind": "ab", "winner": winner, "adapter": body["a"]["adapter"], "answers": answers,
-                "satisfied": [taste.satisfies(t, f) for t, f in answers]}
+                "satisfied": [taste.satisfies(t, f) for t, f in answers], "selection": body.get("selection")}
 
     def thumbs_turn(self, i: int, prompt: str, n: int, seed: int, taste: Taste = TASTES[DEFAULT_TASTE],
                     max_tokens: int = MAX_TOKENS) -> dict:
@@ -429,13 +448,18 @@ def mixed_feedback(users: Users, prompts: list[str], cfg: dict, cycle: int, work
     """The mixed population: ``cfg["ab"]`` A/B turns, then ``cfg["thumbs"]``
     turns of ``cfg["thumbs_n"]`` sibling answers, each rated. An A/B turn is
     *informative* when its two answers differ in the judged trait (one satisfies,
-    the other not); the rest were decided by the graded rule, tied or both bad."""
-    ab_prompts, th_prompts = prompts[: cfg["ab"]], prompts[cfg["ab"]: cfg["ab"] + cfg["thumbs"]]
+    the other not); the rest were decided by the graded rule, tied or both bad.
+    With ``cfg["ab_offered"]`` (``--ab-selection``) that many prompts are offered
+    with ``only_if_selected`` instead and the server picks the A/B turns among
+    them (about ``cfg["ab"]`` at the bench's TUNELOOP_AB_RATE)."""
+    offered = cfg.get("ab_offered")
+    n_ab = offered or cfg["ab"]
+    ab_prompts, th_prompts = prompts[:n_ab], prompts[n_ab: n_ab + cfg["thumbs"]]
     jobs = [("ab", i, p) for i, p in enumerate(ab_prompts)] + [("th", i, p) for i, p in enumerate(th_prompts)]
 
     def one(kind: str, i: int, prompt: str) -> dict:
         if kind == "ab":
-            return users.ab_turn(i, prompt, feedback_seed(cycle, i), taste)
+            return users.ab_turn(i, prompt, feedback_seed(cycle, i), taste, only_if_selected=bool(offered))
         return users.thumbs_turn(i, prompt, cfg["thumbs_n"], feedback_seed(cycle, i), taste)
 
     turns = run_parallel(one, jobs, workers)
@@ -443,8 +467,12 @@ def mixed_feedback(users: Users, prompts: list[str], cfg: dict, cycle: int, work
     verdicts = {"differ_in_trait": 0, "graded": 0, "tie": 0, "both_bad": 0}
     ups = downs = informative_thumbs = 0
     answers = []
+    bases: dict[str, int] = {}
     for turn in turns:
         answers += turn["answers"]
+        if turn.get("selection"):
+            basis = turn["selection"]["basis"]
+            bases[basis] = bases.get(basis, 0) + 1
         if turn["kind"] == "ab":
             winners[turn["winner"]] = winners.get(turn["winner"], 0) + 1
             ok_a, ok_b = turn["satisfied"]
@@ -454,14 +482,16 @@ def mixed_feedback(users: Users, prompts: list[str], cfg: dict, cycle: int, work
                 verdicts["graded"] += 1
             else:
                 verdicts[turn["winner"]] += 1
-        else:
+        elif turn["kind"] == "thumbs":
             u = turn["ratings"].count("up")
             ups, downs = ups + u, downs + len(turn["ratings"]) - u
             informative_thumbs += 0 < u < len(turn["ratings"])
+    compared = sum(winners.values())
     return {
         "population": "mixed",
-        "ab_turns": len(ab_prompts), "ab_winners": winners, "ab_verdicts": verdicts,
-        "ab_informative_share": round(verdicts["differ_in_trait"] / len(ab_prompts), 4) if ab_prompts else None,
+        "ab_turns": compared, "ab_winners": winners, "ab_verdicts": verdicts,
+        "ab_informative_share": round(verdicts["differ_in_trait"] / compared, 4) if compared else None,
+        **({"ab_offered": offered, "ab_selection_basis": bases} if offered else {}),
         "thumbs_turns": len(th_prompts), "thumbs_up": ups, "thumbs_down": downs,
         "thumbs_turns_with_a_pair": informative_thumbs,
         "on_policy_satisfaction": rate([taste.satisfies(t, f) for t, f in answers]),
@@ -539,7 +569,7 @@ POPULATIONS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def prompts_per_cycle(population: str, cfg: dict) -> int:
-    return cfg["ab"] + cfg["thumbs"] if population == "mixed" else cfg["single"]
+    return cfg.get("ab_offered", cfg["ab"]) + cfg["thumbs"] if population == "mixed" else cfg["single"]
 
 
 # -- measurements ------------------------------------------------------------------------
@@ -829,6 +859,184 @@ def plot(cycles: list[dict], base_sanity: float, tolerance: float, taste: Taste,
     plt.close(fig)
 
 
+# -- A/B selection: which offered prompts are worth an A/B turn (--selection-only) ----------
+
+PROBE_LENGTHS = (1, 2, 4, 8, 16)   # probe tokens compared by --selection-only (the server probes PROBE_TOKENS)
+SELECTION_REPLICAS = 400           # replays of each selector over the pool (its coin flips and turn order)
+BOOTSTRAP = 2000                   # resamples of the pool's prompts for the confidence interval
+
+
+def pair_seed(i: int, j: int) -> int:
+    return 200_000 + 100 * i + 2 * j  # a comparison samples A with seed, B with seed + 1
+
+
+def weighted_share(us: list[float], informative: list[float], rate: float) -> float | None:
+    """Expected informative share of the A/B turns the uncertainty selector picks
+    from a pool whose prompts have these uncertainties and informative rates:
+    prompt i is chosen with p_i = min(1, c u_i), c keeping the mean p at ``rate``
+    (``server.ab_selection.scale_for_rate``)."""
+    from server.ab_selection import scale_for_rate
+
+    scale = scale_for_rate(rate, us)
+    if scale is None:
+        return None
+    ps = [min(1.0, scale * u) if u > 0 else 0.0 for u in us]
+    total = sum(ps)
+    return sum(p * x for p, x in zip(ps, informative, strict=True)) / total if total else None
+
+
+def auc(scores: list[float], labels: list[bool]) -> float | None:
+    """P(score of a positive > score of a negative), ties counting half."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return round(wins / (len(pos) * len(neg)), 4)
+
+
+def replay_selectors(us: list[float], informative: list[float], rate: float, replicas: int) -> dict[str, Any]:
+    """Run the server's selector (``AbSelector.decide_for``, its window primed with
+    the pool as a server in steady state would have it) and plain random
+    selection at the same rate over the pool, ``replicas`` times in shuffled
+    orders: the A/B turns each picked, and their informative share (pooled)."""
+    from server.ab_selection import AbSelector
+
+    found: dict[str, dict[str, list[float]]] = {m: {"turns": [], "informative": []} for m in ("uncertainty", "random")}
+    n = len(us)
+    for r in range(replicas):
+        rng = random.Random(r)
+        order = list(range(n))
+        rng.shuffle(order)
+        selector = AbSelector(None, rate, "uncertainty", rng=random.Random(10_000 + r))  # type: ignore[arg-type]
+        selector.recent.extend(us[i] for i in rng.sample(range(n), n))
+        chosen = {"uncertainty": [i for i in order if selector.decide_for(us[i]).compare],
+                  "random": [i for i in order if rng.random() < rate]}
+        for mode, picked in chosen.items():
+            found[mode]["turns"].append(len(picked))
+            found[mode]["informative"].append(sum(informative[i] for i in picked))
+    out = {}
+    for mode, data in found.items():
+        turns, hits = sum(data["turns"]), sum(data["informative"])
+        out[mode] = {"mean_ab_turns": round(turns / replicas, 2), "informative_share": round(hits / turns, 4)
+                     if turns else None}
+    return out
+
+
+def selection_only(args: argparse.Namespace, emit: Callable[[dict[str, Any]], None]) -> None:
+    """Which offered prompts are worth an A/B turn? No training: every prompt of
+    a pool gets ``--pairs-per-prompt`` comparisons (as ``Users.ab_turn`` asks for
+    them: temperature 1, MAX_TOKENS) and the model's uncertainty at several
+    probe lengths; then the informative share of the A/B turns that uncertainty
+    selection and random selection would pick at the same budget
+    (``--ab-rate`` of the pool), both replayed over the same measured pool, plus
+    the selector's expectation and a bootstrap interval for its gain."""
+    from server.engine.base import PROBE_TOKENS
+
+    taste, unseen = TASTES[args.taste], other_taste(TASTES[args.taste])
+    rate = args.ab_rate
+    t_start = time.monotonic()
+    load_start = os.getloadavg()
+    settings = bench_settings(temp_data_dir("ab-selection"), ab_selection="uncertainty", ab_rate=rate)
+    loop_thread = start_loop_thread()
+    engine = start_vllm_engine(settings, loop_thread)
+    server = start_server(settings, loop_thread, engine)
+    users = Users(server.base_url, [server.api_key(f"sim-user-{i}") for i in range(4)])
+    pool = train_prompts()[args.pool_start: args.pool_start + args.pool]
+    ask = [[{"role": "user", "content": prompt}] for prompt in pool]
+    result: dict[str, Any] = {}
+    error = None
+    try:
+        latency = []
+        for messages in ask[:8]:  # the probe alone on the engine (the machine may be busy): what a turn waits
+            started = time.perf_counter()
+            loop_thread.run(engine.uncertainty(messages, None, PROBE_TOKENS), timeout=120)
+            latency.append(time.perf_counter() - started)
+
+        async def probe_all(tokens: int) -> list[float]:
+            return list(await asyncio.gather(*(engine.uncertainty(m, None, tokens) for m in ask)))
+
+        uncertainty = {k: loop_thread.run(probe_all(k), timeout=900) for k in PROBE_LENGTHS}
+        log("probed %d prompts at %s tokens", len(pool), list(PROBE_LENGTHS))
+
+        def pair(i: int, j: int) -> dict:
+            made = users.post("/api/comparisons", users.headers(i), {
+                "messages": ask[i], "max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": pair_seed(i, j)})
+            made.raise_for_status()
+            return made.json()
+
+        jobs = [(i, j) for i in range(len(pool)) for j in range(args.pairs_per_prompt)]
+        bodies = run_parallel(pair, jobs, args.workers)
+        log("%d comparisons generated", len(bodies))
+        per_taste = {}
+        for judge in (taste, unseen):
+            differ = [[] for _ in pool]  # per prompt: whether each of its pairs differs in the trait
+            for (i, _), body in zip(jobs, bodies, strict=True):
+                differ[i].append(judge.satisfies(body["a"]["content"], body["a"]["finish_reason"])
+                                 != judge.satisfies(body["b"]["content"], body["b"]["finish_reason"]))
+            informative = [sum(d) / len(d) for d in differ]
+            labels = [x for d in differ for x in d]
+            by_length = {}
+            for k, us in uncertainty.items():
+                pair_us = [us[i] for i, d in enumerate(differ) for _ in d]
+                rng = random.Random(k)
+                gains = []
+                for _ in range(BOOTSTRAP):
+                    idx = [rng.randrange(len(pool)) for _ in pool]
+                    share = weighted_share([us[i] for i in idx], [informative[i] for i in idx], rate)
+                    if share is not None:
+                        gains.append(share - sum(informative[i] for i in idx) / len(idx))
+                gains.sort()
+                top = sorted(range(len(pool)), key=lambda i: us[i], reverse=True)[: max(1, round(rate * len(pool)))]
+                by_length[str(k)] = {
+                    "auc_informative_pair": auc(pair_us, labels),
+                    "expected_share_uncertainty": round(weighted_share(us, informative, rate) or 0.0, 4),
+                    "gain_over_random_90ci": [round(gains[int(0.05 * len(gains))], 4),
+                                              round(gains[int(0.95 * len(gains)) - 1], 4)] if gains else None,
+                    "share_of_top_rate_by_uncertainty": round(sum(informative[i] for i in top) / len(top), 4),
+                    "mean_uncertainty": round(sum(us) / len(us), 4),
+                }
+            per_taste[judge.name] = {
+                "pool_informative_share": round(sum(informative) / len(informative), 4),
+                "replay_probe_tokens": PROBE_TOKENS,
+                "replay": replay_selectors(uncertainty[PROBE_TOKENS], informative, rate, SELECTION_REPLICAS),
+                "by_probe_tokens": by_length,
+            }
+        result = {
+            "probe_latency_idle_s": {"p50": round(sorted(latency)[len(latency) // 2], 3),
+                                     "max": round(max(latency), 3), "probe_tokens": PROBE_TOKENS},
+            "tastes": per_taste,
+        }
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported in the summary line
+        import traceback
+
+        error = f"{type(exc).__name__}: {exc}"
+        log("ERROR %s\n%s", error, traceback.format_exc())
+    finally:
+        users.http.close()
+        server.stop()
+        try:
+            loop_thread.run(engine.shutdown(), timeout=120)
+        finally:
+            loop_thread.stop()
+    summary = {
+        "bench": "learning", "mode": "selection-only", "ok": error is None, "error": error,
+        "taste": taste.name, "pool": len(pool), "pool_start": args.pool_start,
+        "pairs_per_prompt": args.pairs_per_prompt, "ab_rate": rate,
+        "replicas": SELECTION_REPLICAS, **result,
+        "note": "informative: the two answers of a comparison differ in the judged trait. replay: the A/B turns "
+                "each selector picks from the pool at the same rate, over the same measured answers; "
+                "expected_share_uncertainty: the selector's expectation from each probe length",
+        "seconds": round(time.monotonic() - t_start, 1),
+        "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    stem = f"learning-ab-selection-{taste.name}" + (f"-from-{args.pool_start}" if args.pool_start else "")
+    path = Path(args.out).with_suffix(".json") if args.out else RESULTS / f"{stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    emit(summary)
+
+
 def results_stem(population: str, taste: str) -> str:
     """learning (the default population and taste), else learning-<population>[-<taste>]."""
     if population == "mixed" and taste == DEFAULT_TASTE:
@@ -874,8 +1082,8 @@ def compact_cycle(c: dict) -> dict[str, Any]:
     budget, what the feedback and the run were, forgetting."""
     g, run, fb = c["run"]["gate"], c["run"], c["feedback"]
     feedback_keys = {
-        "mixed": ("ab_winners", "ab_verdicts", "ab_informative_share", "thumbs_up", "thumbs_down",
-                  "thumbs_turns_with_a_pair"),
+        "mixed": ("ab_turns", "ab_offered", "ab_selection_basis", "ab_winners", "ab_verdicts",
+                  "ab_informative_share", "thumbs_up", "thumbs_down", "thumbs_turns_with_a_pair"),
         "thumbs": ("thumbs_up", "thumbs_down", "thumbs_on_cut_answers", "thumbs_up_on_finished_answers",
                    "thumbs_down_on_finished_answers"),
         "corrections": ("corrections", "corrections_refused", "correction_pairs", "corrected_cut_answers"),
@@ -886,7 +1094,8 @@ def compact_cycle(c: dict) -> dict[str, Any]:
         "sat_temp0": c["satisfaction"]["temp0"]["rate"], "sat_sampled": c["satisfaction"]["sampled"]["rate"],
         "unseen_taste": {k: c["satisfaction"]["unseen_taste"][k] for k in ("name", "temp0", "sampled")},
         "first_sentence_words_sampled": c["satisfaction"]["sampled"]["mean_first_sentence_words"],
-        "feedback": {"on_policy_satisfaction": fb["on_policy_satisfaction"], **{k: fb[k] for k in feedback_keys}},
+        "feedback": {"on_policy_satisfaction": fb["on_policy_satisfaction"],
+                     **{k: fb[k] for k in feedback_keys if k in fb}},
         "pairs": {"new": run["pairs"]["new"], "replay": run["pairs"]["replay"], "eval": run["pairs"]["eval"],
                   "by_role_and_source": c["pair_sources"]},
         "single_thumbs": {"new": run["examples"]["new"], "eval": run["examples"]["eval"],
@@ -926,10 +1135,31 @@ def main() -> None:
     parser.add_argument("--eval-share", type=float)
     parser.add_argument("--replay", type=float, help="replay_fraction")
     parser.add_argument("--tolerance", type=float, help="gate_sanity_tolerance")
+    parser.add_argument("--ab-selection", choices=("random", "uncertainty"),
+                        help="mixed population: offer ab / --ab-rate prompts with only_if_selected and let the "
+                             "server pick the A/B turns (TUNELOOP_AB_SELECTION); default: the bench picks them all")
+    parser.add_argument("--ab-rate", type=float, default=1 / 3,
+                        help="TUNELOOP_AB_RATE for --ab-selection and --selection-only (default 1/3)")
+    parser.add_argument("--selection-only", action="store_true",
+                        help="no training: compare the informative share of uncertainty- and randomly selected "
+                             "A/B turns on one pool (--pool, --pairs-per-prompt, --ab-rate, --taste)")
+    parser.add_argument("--pool", type=int, default=96, help="--selection-only: prompts offered (default 96)")
+    parser.add_argument("--pool-start", type=int, default=0,
+                        help="--selection-only: first prompt of the pool in the shuffled feedback prompts (another "
+                             "pool for an out-of-sample check; default 0)")
+    parser.add_argument("--pairs-per-prompt", type=int, default=2,
+                        help="--selection-only: comparisons generated per prompt (default 2)")
     parser.add_argument("--workers", type=int, default=8, help="concurrent HTTP requests")
     parser.add_argument("--out", help="plot path (default bench/results/learning-<population>[-<taste>].png)")
     args = parser.parse_args()
     emit = claim_stdout()
+    if not 0.0 < args.ab_rate <= 1.0:
+        raise SystemExit("--ab-rate must be in (0, 1]")
+    if args.selection_only:
+        selection_only(args, emit)
+        return
+    if args.ab_selection and args.population != "mixed":
+        raise SystemExit("--ab-selection needs --population mixed (the only one with A/B turns)")
 
     mode = "quick" if args.quick else "full"
     cfg = dict(MODES[mode])
@@ -949,6 +1179,10 @@ def main() -> None:
                      ("max_steps", "train_max_steps"), ("beta", "train_beta"), ("kto_beta", "train_kto_beta")):
         if getattr(args, arg) is not None:
             overrides[key] = getattr(args, arg)
+    if args.ab_selection:
+        cfg["ab_offered"] = round(cfg["ab"] / args.ab_rate)
+        overrides["ab_selection"] = args.ab_selection
+        overrides["ab_rate"] = args.ab_rate
     population, taste = args.population, TASTES[args.taste]
     unseen = other_taste(taste)
     give = POPULATIONS[population]

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
+from server.ab_selection import AbDecision, AbSelector
 from server.adapters import AdapterRegistry
 from server.engine.base import AdapterRef, ChatEngine, EngineUnavailable, GenerationChunk, SamplingSettings
 from server.errors import ApiError
@@ -67,6 +68,7 @@ class AnswerService:
         # this process's load failures under the same id.
         self.claim_id = adapters.replica
         self._running: dict[int, AnswerJob] = {}  # message id -> the job generating it here
+        self.ab_selector = AbSelector(engine, settings.ab_rate, settings.ab_selection)
 
     def announce(self) -> int:
         """Renew this process's presence and recover answers abandoned by dead
@@ -102,6 +104,16 @@ class AnswerService:
             max_tokens=self.settings.default_max_tokens,
             seed=random.randrange(2**31),
         )
+
+    async def decide_ab(self, context: list[dict[str, str]]) -> AbDecision:
+        """Whether the answer to ``context`` is an A/B turn (``server.ab_selection``:
+        TUNELOOP_AB_SELECTION at TUNELOOP_AB_RATE), probed on the adapter that
+        would answer; counted in ``tuneloop_ab_decisions_total``. Never raises for
+        the engine's sake and waits at most ``ab_selection.PROBE_TIMEOUT_S``."""
+        decision = await self.ab_selector.decide(context, self.adapters.active)
+        if self.metrics is not None:
+            self.metrics.ab_decision(decision.basis, decision.compare)
+        return decision
 
     def check_context_fits(self, messages: list[dict[str, str]], max_tokens: int) -> None:
         limit = self.settings.max_model_len

@@ -73,6 +73,11 @@ class Metrics:
             "tuneloop_feedback_events", "Feedback received by this server: thumbs and A/B choices", ["kind"],
             registry=r,
         )
+        self.ab_decisions = Counter(
+            "tuneloop_ab_decisions", "Turns decided A/B or not (server.ab_selection), by what decided: "
+            "uncertainty, random, or fallback (the uncertainty probe failed or was too slow)", ["basis", "compared"],
+            registry=r,
+        )
         swaps = Gauge(
             "tuneloop_adapter_swaps", "Times this server switched the adapter it serves (since it started)",
             registry=r,
@@ -103,6 +108,9 @@ class Metrics:
     def feedback(self, kind: str) -> None:
         """``kind``: ``thumbs_up``, ``thumbs_down`` or ``choice_<winner>``."""
         self.feedback_events.labels(kind).inc()
+
+    def ab_decision(self, basis: str, compared: bool) -> None:
+        self.ab_decisions.labels(basis, "true" if compared else "false").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

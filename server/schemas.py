@@ -114,6 +114,12 @@ class ComparisonIn(BaseModel):
     temperature: float = Field(0.8, gt=0.0, le=2.0, description="> 0: two samples must differ")
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0, le=2**62)
+    only_if_selected: bool = Field(
+        False,
+        description="Let the server decide, as it does for a browser turn, whether this context is worth an A/B "
+        "comparison (TUNELOOP_AB_SELECTION at TUNELOOP_AB_RATE). If not, one plain answer is returned instead: "
+        '`"id": null, "b": null`. Either way the response has `"selection"`.',
+    )
 
 
 def validate_chat(messages: list[ChatMessageIn], settings: Settings, answers: int = 1) -> list[dict[str, str]]:

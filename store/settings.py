@@ -107,6 +107,14 @@ class Settings(BaseSettings):
     ab_rate: float = Field(
         0.2, ge=0.0, le=1.0, description="Share of chat turns shown as an A/B choice."
     )
+    ab_selection: str = Field(
+        "random", pattern="^(random|uncertainty)$",
+        description="Which chat turns become A/B turns, TUNELOOP_AB_RATE of them in the long run: `random` (each "
+        "with that probability) or `uncertainty` (first a short greedy probe, the model's next-token entropy over "
+        "4 tokens; a turn is chosen with probability proportional to it against the recent turns', so the "
+        "prompts the model is unsure of are compared more often; a probe that fails or takes over 1 s falls back "
+        "to `random`). Default `random`: see the README for the measurement.",
+    )
     max_message_chars: int = Field(8000, description="Longest accepted user message.")
     max_turns: int = Field(
         200, description="Most messages (user and assistant) in one conversation."

@@ -12,6 +12,12 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+# The uncertainty probe (ChatEngine.uncertainty): answer tokens it looks at, and
+# the size of the top-k each next-token distribution is cut to (vLLM returns at
+# most 20 logprobs per token unless the engine is built with more).
+PROBE_TOKENS = 4
+PROBE_TOP_LOGPROBS = 20
+
 
 class EngineUnavailable(RuntimeError):
     """The engine is starting, restarting after a crash, or shut down (HTTP 503)."""
@@ -120,3 +126,16 @@ class ChatEngine(Protocol):
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         """Tokens of the chat-templated prompt (used to refuse over-long contexts)."""
+
+    async def uncertainty(
+        self, messages: list[dict[str, str]], adapter: AdapterRef | None = None, tokens: int = PROBE_TOKENS
+    ) -> float:
+        """How unsure the model is of how to answer ``messages``: the mean entropy
+        (nats) of its next-token distributions over the first ``tokens`` tokens of
+        a greedy answer, each distribution its top :data:`PROBE_TOP_LOGPROBS`
+        tokens renormalised (0: one token certain at every step; at most
+        ln PROBE_TOP_LOGPROBS, about 3.0). Runs as the answer would (same prompt,
+        same adapter), so the answer's prefill can reuse the probe's prompt from
+        the prefix cache (whole KV blocks only: 128 tokens on the CPU backend).
+        Raises :class:`EngineUnavailable` and ``ValueError`` as :meth:`generate`.
+        """

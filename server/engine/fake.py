@@ -1,17 +1,29 @@
 """A fake engine for fast unit tests and UI work: deterministic canned answers.
 
 It streams the words of an answer made from the prompt, honours ``max_tokens``,
-``seed`` and abort, and records adapters it was asked to load. It is never used
-where a test claims to exercise the real engine.
+``seed`` and abort, and records adapters it was asked to load. Its uncertainty
+about a prompt is a stable hash of the last message, unless a test sets it
+(``uncertainties``, ``probe_delay``, ``probe_fails``). It is never used where a
+test claims to exercise the real engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import random
 from collections.abc import AsyncIterator
 
-from server.engine.base import AdapterLoadError, AdapterRef, GenerationChunk, SamplingSettings
+from server.engine.base import (
+    PROBE_TOKENS,
+    PROBE_TOP_LOGPROBS,
+    AdapterLoadError,
+    AdapterRef,
+    EngineUnavailable,
+    GenerationChunk,
+    SamplingSettings,
+)
 
 WORDS = [
     "the", "model", "answers", "with", "a", "few", "plain", "words", "so", "tests", "can", "watch", "them",
@@ -29,6 +41,12 @@ class FakeChatEngine:
         self.preloaded: list[str] = []  # names, in the order preload_adapter was asked for them
         self.aborted: set[str] = set()
         self.serving: AdapterRef | None = None  # what serve() was last told
+        # uncertainty(): by the last message's text, else a hash of it; how long
+        # a probe takes; whether it raises EngineUnavailable; the probes asked for.
+        self.uncertainties: dict[str, float] = {}
+        self.probe_delay = 0.0
+        self.probe_fails = False
+        self.probes: list[str] = []
         self._ready = False
 
     @property
@@ -48,6 +66,21 @@ class FakeChatEngine:
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return sum(len(m["content"].split()) + 4 for m in messages)
 
+    async def uncertainty(
+        self, messages: list[dict[str, str]], adapter: AdapterRef | None = None, tokens: int = PROBE_TOKENS
+    ) -> float:
+        """``uncertainties[last text]`` if set, else a stable value in
+        [0, ln PROBE_TOP_LOGPROBS) from a hash of the last message."""
+        if not self._ready or self.probe_fails:
+            raise EngineUnavailable("fake engine not started" if not self._ready else "fake probe failure")
+        last = messages[-1]["content"]
+        self.probes.append(last)
+        await asyncio.sleep(self.probe_delay)
+        if last in self.uncertainties:
+            return self.uncertainties[last]
+        digest = int.from_bytes(hashlib.sha256(last.encode()).digest()[:8], "big")
+        return digest / 2**64 * math.log(PROBE_TOP_LOGPROBS)
+
     async def generate(
         self,
         messages: list[dict[str, str]],
@@ -55,8 +88,6 @@ class FakeChatEngine:
         request_id: str,
         adapter: AdapterRef | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        from server.engine.base import EngineUnavailable
-
         if not self._ready:
             raise EngineUnavailable("fake engine not started")
         rng = random.Random(sampling.seed if sampling.temperature > 0 else 0)

@@ -69,6 +69,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -76,11 +77,13 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from server.engine.base import (
+    PROBE_TOKENS,
+    PROBE_TOP_LOGPROBS,
     AdapterLoadError,
     AdapterRef,
     EngineUnavailable,
@@ -92,6 +95,7 @@ from store.exchange.pair_format import encode_prompt
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
+    from vllm.outputs import RequestOutput
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -434,13 +438,63 @@ class VllmChatEngine:
         :class:`AdapterLoadError` (``adapter`` unusable; adapters not loaded before
         are added on first use, without warm-up) and ``ValueError`` (the request
         is invalid for the engine, e.g. the prompt is longer than the context)."""
+        completion_tokens = 0
+        # aclosing: closing this stream early must abort the engine request now,
+        # not whenever the inner generator is garbage-collected.
+        outputs = self._outputs(messages, sampling_params(sampling), request_id, adapter)
+        async with contextlib.aclosing(outputs):
+            async for output, served in outputs:
+                completion = output.outputs[0]
+                completion_tokens += len(completion.token_ids)
+                if output.finished:
+                    extra: dict[str, Any] = {"cached_prompt_tokens": output.num_cached_tokens or 0}
+                    if self.merged and served != adapter:
+                        extra["served_adapter"] = served.name if served else None
+                    yield GenerationChunk(
+                        text=completion.text,
+                        finished=True,
+                        finish_reason=completion.finish_reason or "stop",
+                        prompt_tokens=len(self.prompt_token_ids(messages)),
+                        completion_tokens=completion_tokens,
+                        extra=extra,
+                    )
+                    return
+                if completion.text:
+                    yield GenerationChunk(text=completion.text)
+
+    async def uncertainty(
+        self, messages: list[dict[str, str]], adapter: AdapterRef | None = None, tokens: int = PROBE_TOKENS
+    ) -> float:
+        """Mean entropy (nats) of the top-:data:`PROBE_TOP_LOGPROBS` next-token
+        distributions over a greedy answer of ``tokens`` tokens (fewer if it ends
+        sooner), run like an answer to ``messages`` on ``adapter`` (see
+        :meth:`~server.engine.base.ChatEngine.uncertainty`). The prompt's KV
+        stays in the prefix cache for the real answer. Raises as :meth:`generate`."""
+        request_id = f"probe-{uuid.uuid4().hex[:12]}"
+        entropies: list[float] = []
+        outputs = self._outputs(messages, probe_params(tokens), request_id, adapter)
+        async with contextlib.aclosing(outputs):
+            async for output, _ in outputs:
+                for position in output.outputs[0].logprobs or []:
+                    entropies.append(top_logprobs_entropy(entry.logprob for entry in position.values()))
+        if not entropies:
+            raise EngineUnavailable("the uncertainty probe returned no token; try again")
+        return sum(entropies) / len(entropies)
+
+    async def _outputs(
+        self, messages: list[dict[str, str]], params: SamplingParams, request_id: str, adapter: AdapterRef | None
+    ) -> AsyncIterator[tuple[RequestOutput, AdapterRef | None]]:
+        """One engine request for ``messages``: vLLM's outputs as they come, each
+        with the adapter merged into the weights it runs on (merged mode; else
+        None). Keeps plain and LoRA requests apart and waits out a weight swap
+        (see the module doc); closing it early aborts the request. Raises as
+        :meth:`generate`."""
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
         llm = self._require_ready()
         prompt_ids = self.prompt_token_ids(messages)
-        params = sampling_params(sampling)
         try:
             (engine_input,) = llm.renderer.render_cmpl([TokensPrompt(prompt_token_ids=prompt_ids)])
         except VLLMClientError as exc:
@@ -461,30 +515,15 @@ class VllmChatEngine:
             kind = "plain" if adapter is None else "lora"
             await self._enter(kind)
         stream = None
-        completion_tokens = 0
         finished = False
         try:
             lora = await self._lora_in_engine(llm, adapter) if adapter is not None and not self.merged else None
             stream = llm.generate(engine_input, params, request_id, lora_request=lora)
             async for output in stream:
-                completion = output.outputs[0]
-                completion_tokens += len(completion.token_ids)
-                if output.finished:
-                    finished = True
-                    extra: dict[str, Any] = {"cached_prompt_tokens": output.num_cached_tokens or 0}
-                    if self.merged and served != adapter:
-                        extra["served_adapter"] = served.name if served else None
-                    yield GenerationChunk(
-                        text=completion.text,
-                        finished=True,
-                        finish_reason=completion.finish_reason or "stop",
-                        prompt_tokens=len(prompt_ids),
-                        completion_tokens=completion_tokens,
-                        extra=extra,
-                    )
+                finished = output.finished
+                yield output, served
+                if finished:
                     return
-                if completion.text:
-                    yield GenerationChunk(text=completion.text)
         except EngineDeadError as exc:
             self._engine_died(llm, "died during a request")
             raise EngineUnavailable("the model engine stopped and is restarting; try again") from exc
@@ -755,6 +794,42 @@ def sampling_params(sampling: SamplingSettings) -> SamplingParams:
         frequency_penalty=sampling.frequency_penalty,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def probe_params(tokens: int) -> SamplingParams:
+    """vLLM ``SamplingParams`` of the uncertainty probe: greedy, ``tokens`` long,
+    the top PROBE_TOP_LOGPROBS logprobs of every step, one final output, no text
+    (nothing reads it)."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    if tokens < 1:
+        raise ValueError(f"the uncertainty probe needs at least 1 token, not {tokens}")
+    return SamplingParams(
+        n=1,
+        temperature=0.0,
+        max_tokens=tokens,
+        logprobs=PROBE_TOP_LOGPROBS,
+        detokenize=False,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def top_logprobs_entropy(logprobs: Iterable[float]) -> float:
+    """Entropy (nats) of the distribution that the given log-probabilities (a
+    top-k of the full one) make once renormalised to sum to 1.
+
+    >>> round(top_logprobs_entropy([math.log(0.25)] * 4), 4) == round(math.log(4), 4)
+    True
+    >>> top_logprobs_entropy([0.0, -math.inf])
+    0.0
+    """
+    values = [value for value in logprobs if math.isfinite(value)]
+    if not values:
+        return 0.0
+    top = max(values)
+    weights = [math.exp(value - top) for value in values]
+    total = sum(weights)
+    return max(0.0, math.log(total) - sum(w * (v - top) for w, v in zip(weights, values, strict=True)) / total)
 
 
 def write_identity_adapter(model_dir: Path, folder: Path, rank: int = 8) -> None:

@@ -1,4 +1,5 @@
-"""A/B API: ``POST /api/comparisons`` answers one context twice;
+"""A/B API: ``POST /api/comparisons`` answers one context twice (or, with
+``only_if_selected``, once when the server's A/B selection passes it over);
 ``POST /api/messages/{id}/retry`` answers an answer's question again and sets
 the two side by side; ``POST /api/comparisons/{id}/choice`` records which
 answer was better."""
@@ -42,16 +43,17 @@ def _answer_json(message: Message) -> dict:
     }
 
 
-def _store_comparison(
+def _store_answers(
     db: Engine, settings: Settings, user_id: int, history: list[dict[str, str]], samplings: list[dict]
-) -> tuple[int, int, int]:
-    """Store the context and its two pending answers; the ids of the comparison, A and B."""
+) -> tuple[int | None, list[int]]:
+    """Store the context and its pending answers, two as a comparison; the ids
+    of the comparison (None for one answer) and of the answers (A, B)."""
     with session_scope(db) as session:
         turn = start_turn(
             session, session.get(User, user_id), None, history, samplings,
-            max_turns=settings.max_turns, source="api", compare=True,
+            max_turns=settings.max_turns, source="api", compare=len(samplings) == 2,
         )
-        return turn.comparison.id, turn.answers[0].id, turn.answers[1].id
+        return (turn.comparison.id if turn.comparison else None), [a.id for a in turn.answers]
 
 
 @router.post("/comparisons", dependencies=[rate_limited("compare")])
@@ -59,6 +61,12 @@ async def create_comparison(
     body: ComparisonIn, user: CurrentUser, settings: SettingsDep, answers: AnswersDep, engine: EngineDep,
     slots: GenerationSlotsDep,
 ) -> dict:
+    """Two answers to ``messages``: ``{"id", "a", "b"}``. With ``only_if_selected``
+    the server's A/B selection decides first (``AnswerService.decide_ab``), and
+    the response says how (``"selection": {"compare", "probability", "basis",
+    "uncertainty"}``); passed over, the context gets one plain answer,
+    ``{"id": null, "a": {...}, "b": null, "selection": {...}}``, rateable with
+    ``POST /api/messages/{id}/feedback``."""
     history = validate_chat(body.messages, settings, answers=2)
     max_tokens = body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_new_tokens:
@@ -66,22 +74,36 @@ async def create_comparison(
     answers.check_context_fits(history, max_tokens)
     if not engine.ready:
         raise ApiError(503, "the model engine is starting or restarting; retry shortly")
+    decision = None
+    if body.only_if_selected:
+        slots.check(user.id)  # 429 before the probe if not even one answer could start
+        decision = await answers.decide_ab(history)
+    count = 1 if decision is not None and not decision.compare else 2
     seed = body.seed if body.seed is not None else answers.web_sampling().seed
     samplings = [
         SamplingSettings(temperature=body.temperature, max_tokens=max_tokens, seed=seed + i).to_json()
-        for i in range(2)
+        for i in range(count)
     ]
-    lease = slots.take(user.id, 2)  # both answers generate at once: 429 before anything is stored
+    lease = slots.take(user.id, count)  # the answers generate at once: 429 before anything is stored
     try:
-        ids = await run_in_threadpool(_store_comparison, answers.db, settings, user.id, history, samplings)
+        comparison_id, ids = await run_in_threadpool(
+            _store_answers, answers.db, settings, user.id, history, samplings
+        )
     except BaseException:
         lease.close()
         raise
     try:
-        done_a, done_b = await asyncio.gather(answers.complete(ids[1], lease), answers.complete(ids[2], lease))
+        done = await asyncio.gather(*(answers.complete(message_id, lease) for message_id in ids))
     finally:
         lease.close()  # normally a no-op (each answer gave its slot back); never leaks on a failure
-    return {"id": ids[0], "a": _answer_json(done_a), "b": _answer_json(done_b)}
+    result = {
+        "id": comparison_id,
+        "a": _answer_json(done[0]),
+        "b": _answer_json(done[1]) if len(done) == 2 else None,
+    }
+    if decision is not None:
+        result["selection"] = decision.to_json()
+    return result
 
 
 def _store_retry(db: Engine, settings: Settings, user_id: int, message_id: int, sampling: dict) -> tuple[int, int, int]:

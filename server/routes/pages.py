@@ -9,7 +9,6 @@ streams in over SSE. Full pages extend ``base.html``; the fragments
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from datetime import datetime, timezone
 from html import escape
@@ -170,16 +169,34 @@ def _check_text(text: str, max_chars: int) -> str:
     return text
 
 
+def _turn_context(
+    session: Session, settings: Settings, conversation: Conversation | None, text: str, answers: AnswerService
+) -> list[dict[str, str]]:
+    """What the model will answer: the conversation so far and the user's new
+    message. Refused (400, nothing stored) when it and the answer cannot fit
+    the model's context."""
+    history = chat_context(thread(session, conversation)) if conversation is not None else []
+    context = [*history, {"role": "user", "content": text}]
+    answers.check_context_fits(context, settings.default_max_tokens)
+    return context
+
+
+async def _decide_ab(
+    session: Session, settings: Settings, conversation: Conversation | None, text: str, answers: AnswerService
+) -> bool:
+    """Whether this turn is an A/B turn (``AnswerService.decide_ab``: it may
+    probe the model, so it runs here, on the event loop, before the turn is
+    stored in the thread pool). Raises the context check's 400 first."""
+    context = await run_in_threadpool(_turn_context, session, settings, conversation, text, answers)
+    return (await answers.decide_ab(context)).compare
+
+
 def _add_turn(
     session: Session, settings: Settings, user: User, conversation: Conversation | None, text: str,
-    answers: AnswerService,
+    answers: AnswerService, ab: bool,
 ) -> tuple[Conversation, dict]:
-    """Store the user's message and one answer, or two as an A/B turn (a new
-    conversation when ``conversation`` is None). Refused (400, nothing stored)
-    when the conversation and the answer cannot fit the model's context."""
-    history = chat_context(thread(session, conversation)) if conversation is not None else []
-    answers.check_context_fits([*history, {"role": "user", "content": text}], settings.default_max_tokens)
-    ab = random.random() < settings.ab_rate
+    """Store the user's message and one answer, or two as an A/B turn (``ab``;
+    a new conversation when ``conversation`` is None)."""
     turn = start_turn(
         session, user, conversation, [{"role": "user", "content": text}],
         [answers.web_sampling(contrast=i == 1).to_json() for i in range(2 if ab else 1)],
@@ -220,7 +237,8 @@ async def new_conversation(
 ) -> Response:
     text = _check_text(content, settings.max_message_chars)
     slots.check(user.id)  # all the user's slots busy: 429 before anything is stored
-    conversation, _ = await run_in_threadpool(_add_turn, session, settings, user, None, text, answers)
+    ab = await _decide_ab(session, settings, None, text, answers)
+    conversation, _ = await run_in_threadpool(_add_turn, session, settings, user, None, text, answers, ab)
     url = f"/c/{conversation.id}"
     if is_htmx(request):
         return Response(status_code=204, headers={"HX-Location": url})
@@ -237,7 +255,8 @@ async def post_message(
     conversation = await run_in_threadpool(owned_conversation, session, user, conversation_id)
     text = _check_text(content, settings.max_message_chars)
     slots.check(user.id)
-    conversation, turn = await run_in_threadpool(_add_turn, session, settings, user, conversation, text, answers)
+    ab = await _decide_ab(session, settings, conversation, text, answers)
+    conversation, turn = await run_in_threadpool(_add_turn, session, settings, user, conversation, text, answers, ab)
     if is_htmx(request):
         return await run_in_threadpool(render, "_turn.html", {"user": user, "conversation": conversation, **turn})
     await _finish_without_js(answers, slots, session, user, conversation)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from server.engine.base import (
+    PROBE_TOP_LOGPROBS,
     AdapterLoadError,
     AdapterRef,
     EngineUnavailable,
@@ -293,6 +295,45 @@ def test_prompt_longer_than_the_context_is_a_value_error(engine: VllmChatEngine,
     assert engine.count_prompt_tokens(too_long) > 2048
     with pytest.raises(ValueError):
         run(collect(engine, too_long))
+    assert engine.ready
+
+
+OPEN = [{"role": "user", "content": "Write one word, any word you like."}]
+
+
+def test_the_uncertainty_probe_is_higher_where_the_model_is_unsure(engine: VllmChatEngine, run) -> None:
+    determined = run(engine.uncertainty(HELLO))  # greedy: "The capital of France is Paris."
+    unsure = run(engine.uncertainty(OPEN))
+
+    assert math.isfinite(determined) and math.isfinite(unsure)
+    assert 0.0 <= determined < unsure <= math.log(PROBE_TOP_LOGPROBS) + 1e-6
+    assert unsure - determined > 0.5
+    assert run(engine.uncertainty(HELLO)) == pytest.approx(determined, abs=1e-3)  # greedy: repeatable
+    assert unfinished(engine) == 0
+
+
+def test_the_answer_after_a_probe_reuses_its_prefill(engine: VllmChatEngine, run) -> None:
+    # Unique, and long enough to fill whole KV blocks (128 tokens on the CPU backend).
+    prompt = [{"role": "user", "content": f"{time.monotonic_ns()} " + "Bees make honey from nectar. " * 50}]
+    assert engine.count_prompt_tokens(prompt) > 256
+    run(engine.uncertainty(prompt))
+    last = run(collect(engine, prompt, SamplingSettings(temperature=0.0, max_tokens=2)))[-1]
+
+    assert last.extra["cached_prompt_tokens"] >= 128
+
+
+def test_a_probe_given_up_on_is_aborted_in_the_engine(engine: VllmChatEngine, run) -> None:
+    async def give_up() -> None:
+        await asyncio.wait_for(engine.uncertainty(STORY, tokens=500), timeout=0.2)
+
+    with pytest.raises(TimeoutError):
+        run(give_up())
+    deadline = time.monotonic() + 10
+    while unfinished(engine) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert unfinished(engine) == 0
+    with pytest.raises(ValueError):
+        run(engine.uncertainty([{"role": "user", "content": "word " * 3000}]))  # over the context, as generate
     assert engine.ready
 
 
