@@ -428,6 +428,9 @@ class Evaluation:
     pairs: int | None
     promote: bool | None
     reasons: list[str]
+    gains: list[dict] = field(default_factory=list)
+    """Per kind of held-out item (pairs, single thumbs) the gate compared item
+    by item: the mean gain, its interval, items moved each way (trainer.confidence)."""
 
 
 def evaluation(row: AdapterVersion) -> Evaluation | None:
@@ -453,7 +456,15 @@ def evaluation(row: AdapterVersion) -> Evaluation | None:
         pairs=candidate.get("pairs"),
         promote=decision.get("promote"),
         reasons=[str(r) for r in decision.get("reasons") or []],
+        gains=[
+            {"what": what, **{name: numbers.get(f"{kind}_{name}") for name in GAIN_NUMBERS}}
+            for kind, what in (("pairs", "held-out pairs"), ("examples", "held-out single thumbs"))
+            if isinstance(numbers.get(f"{kind}_mean_gain"), (int, float))
+        ],
     )
+
+
+GAIN_NUMBERS = ("items", "mean_gain", "low", "high", "confidence", "better", "worse", "sign_test_p")
 
 
 @dataclass

@@ -211,6 +211,15 @@ class Settings(BaseSettings):
         4, ge=1, description="Held-out single thumbs the gate needs before they count as evidence: against the "
         "base model every one starts at 0, so one or two moved the right way would prove nothing."
     )
+    gate_min_held_out_pairs: int = Field(
+        8, ge=1, description="Held-out pairs the gate needs before they count as evidence; with fewer the "
+        "candidate is not promoted and the next run is judged on more (held-out pairs accumulate)."
+    )
+    gate_confidence: float = Field(
+        0.95, gt=0.0, lt=1.0, description="The gate compares candidate and active item by item on the held-out "
+        "pairs (and single thumbs): the lower end of this paired-bootstrap interval of the mean margin gain must "
+        "be above TUNELOOP_GATE_MIN_MARGIN_GAIN, so a gain a few items could give by chance does not promote."
+    )
     gate_max_eval_pairs: int = Field(
         256, ge=1, description="Most held-out pairs the gate scores: the newest half plus a random sample "
         "of older ones, so a run's cost does not grow with the history."

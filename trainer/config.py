@@ -137,6 +137,14 @@ class TrainConfig:
         default=4,
         metadata={"help": "Held-out single thumbs the gate needs before they count as evidence."},
     )
+    gate_min_held_out_pairs: int = field(
+        default=8,
+        metadata={"help": "Held-out pairs the gate needs before they count as evidence (fewer: the run waits)."},
+    )
+    gate_confidence: float = field(
+        default=0.95,
+        metadata={"help": "Confidence of the paired-bootstrap interval whose lower end must clear the margin gain."},
+    )
     gate_sanity_nll_tolerance: float = field(
         default=0.05,
         metadata={
@@ -197,6 +205,8 @@ class TrainConfig:
             parse_scales(self.interpolation_scales)
         except ValueError as exc:
             problems.append(str(exc))
+        if not 0 < self.gate_confidence < 1:
+            problems.append(f"gate_confidence must be between 0 and 1, got {self.gate_confidence}")
         if self.gate_sanity_nll_tolerance < 0:
             problems.append(f"gate_sanity_nll_tolerance must not be negative, got {self.gate_sanity_nll_tolerance}")
         if problems:
@@ -222,6 +232,8 @@ class TrainConfig:
             gate_min_accuracy_gain=settings.gate_min_accuracy_gain,
             gate_min_margin_gain=settings.gate_min_margin_gain,
             gate_min_held_out_thumbs=settings.gate_min_held_out_thumbs,
+            gate_min_held_out_pairs=settings.gate_min_held_out_pairs,
+            gate_confidence=settings.gate_confidence,
             gate_sanity_nll_tolerance=settings.gate_sanity_tolerance,
             interpolation_scales=settings.train_interpolation_scales,
         )

@@ -41,6 +41,7 @@ from typing import Any
 
 from store.examples import Example
 from store.exchange.pair_format import Pair, render_answer, render_prompt
+from trainer.confidence import paired_evidence
 from trainer.config import TrainConfig
 from trainer.interpolate import scale_lora_b
 
@@ -63,10 +64,15 @@ class EvalMetrics:
     # per-token mean log-prob of each held-out single thumb's answer: scored
     # against the base model's by ``relative_to_base``, not kept in the record
     example_logps: list[float] = field(default_factory=list, repr=False)
+    # each held-out pair's margin, and each single thumb's signed reward: the
+    # gate compares them item by item with the active adapter's (trainer.confidence)
+    pair_margins: list[float] = field(default_factory=list, repr=False)
+    example_rewards: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        values.pop("example_logps")
+        for per_item in ("example_logps", "pair_margins", "example_rewards"):
+            values.pop(per_item)
         return values
 
     def relative_to_base(self, base_logps: list[float], labels: list[bool]) -> None:
@@ -80,6 +86,7 @@ class EvalMetrics:
                   for mine, base, label in zip(self.example_logps, base_logps, labels, strict=True)]
         self.example_accuracy = sum(value > 0 for value in signed) / len(signed)
         self.example_margin = sum(signed) / len(signed)
+        self.example_rewards = signed
 
 
 @dataclass
@@ -164,6 +171,7 @@ def evaluate_model(
         pairs=len(eval_pairs),
         examples=len(eval_examples),
         example_logps=[total / max(count, 1) for total, count in example_scores],
+        pair_margins=margins if eval_pairs else [],
     )
 
 
@@ -258,11 +266,17 @@ def gate(
     """Decide whether ``candidate`` replaces ``active`` (the adapter in service, or the bare base model).
 
     ``trained`` says what the run learned from: ``"pairs"`` and/or
-    ``"examples"`` (single thumbs). Each of those with held-out items must
-    show the candidate better: its accuracy at least the active one's plus
-    ``gate_min_accuracy_gain``, its mean margin higher by more than
-    ``gate_min_margin_gain`` (pairs: chosen over rejected; single thumbs: the
-    reward against the base model, see the module doc). Held-out items of a
+    ``"examples"`` (single thumbs). Each of those with held-out items needs
+    at least ``gate_min_held_out_pairs`` / ``gate_min_held_out_thumbs`` of
+    them (fewer: not promoted, the next run is judged on more) and must show
+    the candidate better: its accuracy at least the active one's plus
+    ``gate_min_accuracy_gain``, and its margin gain shown, not just seen:
+    compared item by item with the active one's (pairs: chosen over rejected;
+    single thumbs: the reward against the base model, see the module doc), the
+    lower end of the ``gate_confidence`` paired-bootstrap interval of the mean
+    gain must be above ``gate_min_margin_gain`` (``trainer.confidence``; the
+    interval, the items moved each way and a sign test land in ``numbers``
+    and on the run page). Held-out items of a
     kind the run did not train on are reported, not gated. And the sanity NLL
     must be at most the base model's (``base_sanity_nll``; the active one's if
     not given) times ``1 + gate_sanity_nll_tolerance``: anchoring to the base
@@ -314,16 +328,25 @@ def gate(
          "required_example_accuracy"),
     ]
     evidence = []
-    minimum = {"pairs": 1, "examples": config.gate_min_held_out_thumbs}
+    minimum = {"pairs": (config.gate_min_held_out_pairs, "TUNELOOP_GATE_MIN_HELD_OUT_PAIRS"),
+               "examples": (config.gate_min_held_out_thumbs, "TUNELOOP_GATE_MIN_HELD_OUT_THUMBS")}
+    per_item = {"pairs": (candidate.pair_margins, active.pair_margins),
+                "examples": (candidate.example_rewards, active.example_rewards)}
     for kind, where, accuracy_name, margin_name, count, cand_acc, act_acc, cand_margin, act_margin, key in kinds:
         if kind not in trained or count == 0 or cand_acc is None or act_acc is None:
             continue
-        if count < minimum[kind]:
-            failures.append(f"only {count} {where}; the gate needs {minimum[kind]} before they count as evidence "
-                            "(TUNELOOP_GATE_MIN_HELD_OUT_THUMBS)")
+        needed, setting = minimum[kind]
+        if count < needed:
+            failures.append(f"only {count} {where}; the gate needs {needed} before they count as evidence "
+                            f"({setting}): the run waits for more")
             continue
+        mine, theirs = per_item[kind]
+        if len(mine) != count or len(theirs) != count:
+            raise ValueError(f"the per-item scores of the {where} are missing: score both models with evaluate_model")
+        paired = paired_evidence(mine, theirs, config.gate_confidence)
+        numbers.update(paired.to_numbers(kind))
         evidence.append(f"{where}: {accuracy_name} {cand_acc:.3f} vs {act_acc:.3f}, "
-                        f"margin {_fmt(cand_margin)} vs {_fmt(act_margin)}")
+                        f"margin {_fmt(cand_margin)} vs {_fmt(act_margin)}, {paired.describe()}")
         required = act_acc + config.gate_min_accuracy_gain
         numbers[key] = required
         if cand_acc < required - FLOAT_SLACK:
@@ -331,10 +354,10 @@ def gate(
                 f"{accuracy_name} on {where} is {cand_acc:.3f}, below the required {required:.3f} "
                 f"(active {act_acc:.3f} + minimum gain {config.gate_min_accuracy_gain:.3f})"
             )
-        if cand_margin is None or act_margin is None or not (cand_margin > act_margin + config.gate_min_margin_gain):
+        if not paired.low > config.gate_min_margin_gain:
             failures.append(
-                f"mean {margin_name} on {where} did not grow by more than {config.gate_min_margin_gain:g} "
-                f"({_fmt(cand_margin)} vs active {_fmt(act_margin)})"
+                f"mean {margin_name} on {where} is not shown to grow by more than {config.gate_min_margin_gain:g}: "
+                f"{paired.describe()} ({_fmt(cand_margin)} vs active {_fmt(act_margin)})"
             )
     if not evidence:
         failures.append(

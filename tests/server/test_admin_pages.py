@@ -459,6 +459,8 @@ def test_lineage_page_lists_chain_evaluation_pairs_and_single_thumbs(admin, data
     roles = {int(r.get("data-pair-id")): r.select("td")[1].text() for r in doc.select("#lineage-pairs tbody tr")}
     assert roles == {data.pairs["choice"]: "new", data.pairs["thumbs"]: "eval"}
     assert doc.select_one("table.evaluation")
+    gain = doc.select_one("p.gain").text()  # the interval, not only the two point estimates
+    assert "+0.309" in gain and "95 % interval" in gain and "[+0.121, +0.498]" in gain and "7 of 8" in gain
     (thumb,) = doc.select("#lineage-thumbs tbody tr")
     assert int(thumb.get("data-feedback-id")) == data.feedback["f3"] and thumb.select("td")[1].text() == "new"
 

@@ -84,7 +84,8 @@ def answer(server, headers, **extra) -> httpx.Response:
 
 
 def test_feedback_trains_promotes_swaps_and_rolls_back(live_server):
-    server = live_server(**FAST_TRAINING, gate_min_margin_gain=-1e9, gate_sanity_tolerance=10.0)
+    server = live_server(**FAST_TRAINING, gate_min_margin_gain=-1e9, gate_sanity_tolerance=10.0,
+                         gate_min_held_out_pairs=1)  # a few pairs in a test: promotion is forced
     headers = server.headers("user")
     before = answer(server, headers).json()
     assert before["tuneloop"]["adapter"] is None

@@ -65,7 +65,11 @@ def evaluation(promote: bool, compared_with: str, reasons: list[str]) -> dict:
         },
         "active": {"preference_accuracy": 0.5, "mean_margin": 0.103, "chosen_nll": 2.1, "sanity_nll": 2.05, "pairs": 8},
         "compared_with": compared_with,
-        "decision": {"promote": promote, "reasons": reasons, "numbers": {"max_sanity_nll": 2.1525}},
+        "decision": {"promote": promote, "reasons": reasons, "numbers": {
+            "max_sanity_nll": 2.1525, "pairs_items": 8, "pairs_mean_gain": 0.309, "pairs_low": 0.121,
+            "pairs_high": 0.498, "pairs_confidence": 0.95, "pairs_better": 7, "pairs_worse": 1,
+            "pairs_sign_test_p": 0.0352,
+        }},
     }
 
 

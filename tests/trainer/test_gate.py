@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from trainer.confidence import paired_evidence, sign_test
 from trainer.config import TrainConfig
 from trainer.evaluate import EvalMetrics, gate
 
 
-def metrics(accuracy, margin, sanity, pairs=10) -> EvalMetrics:
-    return EvalMetrics(preference_accuracy=accuracy, mean_margin=margin, chosen_nll=1.0, sanity_nll=sanity, pairs=pairs)
+def metrics(accuracy, margin, sanity, pairs=10, **more) -> EvalMetrics:
+    """Scores whose per-pair margins spread around ``margin`` in the same way
+    for every model: the gain over another model is the same on every pair."""
+    spread = [0.2 * ((i % 3) - 1) for i in range(pairs)]
+    return EvalMetrics(preference_accuracy=accuracy, mean_margin=margin, chosen_nll=1.0, sanity_nll=sanity, pairs=pairs,
+                       pair_margins=[margin + d for d in spread], **more)
 
 
 def test_gate_promotes_a_better_candidate():
@@ -132,10 +139,10 @@ def test_gate_judges_only_what_the_run_trained_on():
     """Held-out thumbs of a run that trained on pairs only are reported, not
     gated; a run that trained on thumbs with none held out has no evidence."""
     base, labels = [-2.0, -3.0], [True, False]
-    pairs_better = EvalMetrics(0.8, 0.5, 1.0, 1.0, 10, examples=2, example_logps=[-2.5, -2.0])
-    pairs_active = EvalMetrics(0.6, 0.1, 1.0, 1.0, 10, examples=2, example_logps=list(base))
-    for metrics in (pairs_better, pairs_active):
-        metrics.relative_to_base(base, labels)
+    pairs_better = metrics(0.8, 0.5, 1.0, examples=2, example_logps=[-2.5, -2.0])
+    pairs_active = metrics(0.6, 0.1, 1.0, examples=2, example_logps=list(base))
+    for scores in (pairs_better, pairs_active):
+        scores.relative_to_base(base, labels)
     assert gate(pairs_better, pairs_active, ONE_THUMB_IS_EVIDENCE, trained=("pairs",)).promote
     assert not gate(pairs_better, pairs_active, ONE_THUMB_IS_EVIDENCE, trained=("pairs", "examples")).promote
     no_thumbs_held_out = gate(thumbs_metrics([]), thumbs_metrics([]), ONE_THUMB_IS_EVIDENCE, trained=("examples",))
@@ -152,3 +159,47 @@ def test_too_few_held_out_thumbs_are_no_evidence():
     assert any("only 2 held-out single thumbs" in r for r in decision.reasons)
     assert gate(candidate, active, TrainConfig(gate_min_held_out_thumbs=2), base_sanity_nll=1.0,
                 trained=("examples",)).promote
+
+
+# --- how much the gate knows (trainer.confidence) ------------------------------
+
+
+def test_too_few_held_out_pairs_make_the_run_wait():
+    decision = gate(metrics(0.9, 0.9, 1.0, pairs=5), metrics(0.5, 0.1, 1.0, pairs=5), TrainConfig())
+    assert not decision.promote
+    assert any("only 5 held-out pairs; the gate needs 8" in r and "waits" in r for r in decision.reasons)
+    assert gate(metrics(0.9, 0.9, 1.0, pairs=5), metrics(0.5, 0.1, 1.0, pairs=5),
+                TrainConfig(gate_min_held_out_pairs=5)).promote
+
+
+def test_a_mean_gain_a_few_pairs_could_give_by_chance_does_not_promote():
+    """Same accuracy and the same mean margin gain (+0.05) twice: on ten pairs
+    that swing +-0.9 the interval holds 0; on ten that all gained it does not."""
+    active = metrics(0.6, 0.1, 1.0)
+    swings = [0.95, -0.85] * 5
+    noisy = EvalMetrics(preference_accuracy=0.6, mean_margin=0.15, chosen_nll=1.0, sanity_nll=1.0, pairs=10,
+                        pair_margins=[a + d for a, d in zip(active.pair_margins, swings, strict=True)])
+    refused = gate(noisy, active, TrainConfig())
+    assert not refused.promote
+    assert any("not shown to grow" in r and "better on 5 of 10" in r for r in refused.reasons), refused.reasons
+    assert refused.numbers["pairs_low"] < 0 < refused.numbers["pairs_high"]
+    steady = gate(metrics(0.6, 0.15, 1.0), active, TrainConfig())
+    assert steady.promote, steady.reasons
+    assert steady.numbers["pairs_mean_gain"] == pytest.approx(0.05)
+    assert steady.numbers["pairs_low"] == pytest.approx(0.05) and steady.numbers["pairs_better"] == 10
+    assert "interval" in steady.reasons[0]
+
+
+def test_paired_evidence_interval_and_sign_test():
+    rng = random.Random(7)
+    few = [rng.gauss(0.1, 1.0) for _ in range(10)]
+    many = [rng.gauss(0.1, 1.0) for _ in range(400)]
+    zeros = [0.0] * 400
+    small, large = paired_evidence(few, zeros[:10]), paired_evidence(many, zeros)
+    assert small.low < small.mean_gain < small.high and large.low < large.mean_gain < large.high
+    assert large.high - large.low < (small.high - small.low) / 3  # ~1/sqrt(n)
+    assert large.low > 0.0  # 400 items at +0.1 +- 1: shown (mean/se = 2)
+    assert paired_evidence(few, zeros[:10]) == small  # fixed seed: a decision can be replayed
+    assert sign_test(9, 1) == pytest.approx(11 / 1024) and sign_test(0, 0) == 1.0 and sign_test(0, 3) == 1.0
+    with pytest.raises(ValueError):
+        paired_evidence([1.0], [1.0, 2.0])
