@@ -1008,17 +1008,9 @@ def selection_only(args: argparse.Namespace, emit: Callable[[dict[str, Any]], No
             "tastes": per_taste,
         }
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported in the summary line
-        import traceback
-
-        error = f"{type(exc).__name__}: {exc}"
-        log("ERROR %s\n%s", error, traceback.format_exc())
+        error = logged_error(exc)
     finally:
-        users.http.close()
-        server.stop()
-        try:
-            loop_thread.run(engine.shutdown(), timeout=120)
-        finally:
-            loop_thread.stop()
+        tear_down(users, server, loop_thread, engine)
     summary = {
         "bench": "learning", "mode": "selection-only", "ok": error is None, "error": error,
         "taste": taste.name, "pool": len(pool), "pool_start": args.pool_start,
@@ -1112,6 +1104,25 @@ def compact_cycle(c: dict) -> dict[str, Any]:
         "acc_on_eval_thumbs": [s["accuracy"] for s in c["served"]["eval_thumbs"]],
         "seconds": c["seconds"],
     }
+
+
+def logged_error(exc: BaseException) -> str:
+    """Log a run's failure with its traceback; the text for the summary line."""
+    import traceback
+
+    error = f"{type(exc).__name__}: {exc}"
+    log("ERROR %s\n%s", error, traceback.format_exc())
+    return error
+
+
+def tear_down(users: Any, server: Any, loop_thread: Any, engine: Any) -> None:
+    """Close the clients, the server and the engine, whatever the run did."""
+    users.http.close()
+    server.stop()
+    try:
+        loop_thread.run(engine.shutdown(), timeout=120)
+    finally:
+        loop_thread.stop()
 
 
 def main() -> None:
@@ -1254,17 +1265,9 @@ def main() -> None:
                 served["sanity_nll"], [s["accuracy"] for s in served["eval_sets"]],
                 [s["accuracy"] for s in served["eval_thumbs"]], times)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - reported in the summary line
-        import traceback
-
-        error = f"{type(exc).__name__}: {exc}"
-        log("ERROR %s\n%s", error, traceback.format_exc())
+        error = logged_error(exc)
     finally:
-        users.http.close()
-        server.stop()
-        try:
-            loop_thread.run(engine.shutdown(), timeout=120)
-        finally:
-            loop_thread.stop()
+        tear_down(users, server, loop_thread, engine)
 
     base_sanity = cycles[0]["served"]["sanity_nll"] if cycles else None
     tolerance = overrides["gate_sanity_tolerance"]
