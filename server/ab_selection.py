@@ -45,13 +45,17 @@ WINDOW = 256  # probed turns the rate is kept over (and uncertainty is measured 
 class AbDecision:
     """Whether a turn is compared, with what probability and on what basis:
     ``uncertainty`` (probed: ``uncertainty`` is the probe's value), ``random``
-    (the mode, or a rate of 0 or 1) or ``fallback`` (the probe failed or was too
-    slow; decided as ``random``)."""
+    (the mode, or a rate of 0 or 1), ``fallback`` (the probe failed or was too
+    slow; decided as ``random``), or ``canary`` / ``watch`` (the active version
+    against ``challenger``: ``AnswerService.decide_ab``)."""
 
     compare: bool
     probability: float
     basis: str
     uncertainty: float | None = None
+    # the version pitted against the active one (basis "canary" or "watch",
+    # store.canary): one side of the A/B turn, or the single answer (canary traffic)
+    challenger: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

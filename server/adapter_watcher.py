@@ -34,10 +34,23 @@ async def sync_once(registry: AdapterRegistry) -> bool:
     """Swap to the database's active adapter if it differs, and start preloading
     the versions to keep loaded beside it; True if it swapped."""
     # Database calls run in a thread: a locked database must not stall streaming.
-    wanted, keep = await asyncio.to_thread(registry.plan_in_db)
+    wanted, keep, beside = await asyncio.to_thread(registry.plan_in_db)
     swapped = await _follow(registry, wanted)
     registry.preload(keep)
+    await _serve_beside(registry, beside)
     return swapped
+
+
+async def _serve_beside(registry: AdapterRegistry, beside: tuple[AdapterRef, str] | None) -> None:
+    """Serve the canary (or the watched promotion's previous version) beside
+    the active one; one that won't load here only means no A/B turns of the two
+    from this server: the canary is judged on the other servers' votes, or
+    ends at its time limit."""
+    ref, role = beside if beside is not None and beside[0] != registry.active else (None, None)
+    try:
+        await registry.serve_beside(ref, role)
+    except AdapterLoadError as exc:
+        log.error("cannot serve %s beside the active adapter here: %s", ref.name if ref else None, exc)
 
 
 async def _follow(registry: AdapterRegistry, wanted: AdapterRef | None) -> bool:

@@ -28,6 +28,7 @@ from sqlmodel import Session
 
 from server.engine.base import AdapterLoadError, AdapterRef, ChatEngine, EngineUnavailable
 from store.adapter_files import AdapterFilesError, check_servable
+from store.canary import beside_version
 from store.db import session_scope
 from store.load_failures import failed_here, record_load_failure, settle
 from store.presence import new_claim_id
@@ -63,13 +64,50 @@ class AdapterRegistry:
         self._loaded: OrderedDict[int, AdapterRef] = OrderedDict()
         self._preloads: dict[int, asyncio.Task[None]] = {}
         self._preload_errors: dict[AdapterRef, str] = {}
+        self.beside: AdapterRef | None = None  # served beside the active one (store.canary)
+        self.beside_role: str | None = None  # "canary" | "watch"
+        self._beside_lock = asyncio.Lock()
+        self._beside_errors: dict[AdapterRef, str] = {}
 
-    def plan_in_db(self) -> tuple[AdapterRef | None, list[AdapterRef]]:
-        """The version the database calls active, and those to keep loaded beside it."""
+    def plan_in_db(self) -> tuple[AdapterRef | None, list[AdapterRef], tuple[AdapterRef, str] | None]:
+        """The version the database calls active, those to keep loaded beside it,
+        and the one to serve beside it for A/B turns of the two with its role
+        (``"canary"``, or ``"watch"``: the version a watched promotion replaced;
+        ``store.canary``)."""
         with Session(self.db) as session:
             row = active_version(session)
             keep = versions_to_keep_loaded(session, row)
-            return (adapter_ref(row) if row else None), [adapter_ref(r) for r in keep]
+            beside = beside_version(session, row)
+            return ((adapter_ref(row) if row else None), [adapter_ref(r) for r in keep],
+                    (adapter_ref(beside[0]), beside[1]) if beside else None)
+
+    async def serve_beside(self, ref: AdapterRef | None, role: str | None = None) -> None:
+        """Serve ``ref`` beside the active adapter (None: nothing), so A/B turns
+        can pit the two (``ChatEngine.serve_beside``). Raises AdapterLoadError
+        (nothing is served beside then) or EngineUnavailable."""
+        async with self._beside_lock:
+            if ref == self.beside and self.engine.serving_beside() == ref:
+                self.beside_role = role
+                return
+            if ref is not None and ref in self._beside_errors:
+                return  # failed here before: not again every sync (the error was logged)
+            self.beside = None  # no turn is routed to it while it changes
+            try:
+                if ref is not None:
+                    await self._check(ref)
+                await self.engine.serve_beside(ref)
+            except AdapterLoadError as exc:
+                if ref is not None:
+                    self._beside_errors[ref] = str(exc)
+                raise
+            self.beside, self.beside_role = ref, role
+            log.info("serving %s beside the active adapter (%s)", ref.name if ref else "nothing", role)
+
+    def challenger(self) -> AdapterRef | None:
+        """The version A/B turns may pit against the active one now: served
+        beside and ready (None: ordinary turns only)."""
+        ref = self.beside
+        return ref if ref is not None and ref != self.active and self.engine.serving_beside() == ref else None
 
     def already_failed(self, ref: AdapterRef) -> bool:
         """Whether this replica already failed to load ``ref`` since it was

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from server.ab_selection import AbDecision, AbSelector
 from server.adapters import AdapterRegistry
@@ -110,10 +110,25 @@ class AnswerService:
         TUNELOOP_AB_SELECTION at TUNELOOP_AB_RATE), probed on the adapter that
         would answer; counted in ``tuneloop_ab_decisions_total``. Never raises for
         the engine's sake and waits at most ``ab_selection.PROBE_TIMEOUT_S``."""
-        decision = await self.ab_selector.decide(context, self.adapters.active)
+        decision = self._versus_challenger() or await self.ab_selector.decide(context, self.adapters.active)
         if self.metrics is not None:
             self.metrics.ab_decision(decision.basis, decision.compare)
         return decision
+
+    def _versus_challenger(self) -> AbDecision | None:
+        """While a canary (or a watch) runs here, TUNELOOP_CANARY_AB_RATE of the
+        turns pit the active version against it (``store.canary``); with
+        TUNELOOP_CANARY_TRAFFIC a share of the rest is answered by the canary alone."""
+        challenger = self.adapters.challenger()
+        if challenger is None:
+            return None
+        rate = self.settings.canary_ab_rate
+        role = self.adapters.beside_role or "canary"
+        if random.random() < rate:
+            return AbDecision(True, rate, role, challenger=challenger.name)
+        if role == "canary" and random.random() < self.settings.canary_traffic:
+            return AbDecision(False, rate, role, challenger=challenger.name)
+        return None
 
     def check_context_fits(self, messages: list[dict[str, str]], max_tokens: int) -> None:
         limit = self.settings.max_model_len
@@ -136,8 +151,9 @@ class AnswerService:
         """Mark a pending message as streaming and pin the adapter it will be
         produced by (the active one now: a swap mid-stream doesn't affect it).
         None if someone else has claimed it."""
-        adapter = self.adapters.active
         with session_scope(self.db) as session:
+            requested = session.exec(select(Message.adapter_version).where(Message.id == message_id)).first()
+            adapter = self._producer(requested)
             claimed = session.execute(
                 update(Message)
                 .where(Message.id == message_id, Message.status == "pending")
@@ -156,6 +172,17 @@ class AnswerService:
             context = chat_context(thread(session, conversation, message.parent_id))
             sampling = SamplingSettings.from_json(message.sampling or {})
         return context, sampling, adapter
+
+    def _producer(self, requested: str | None) -> AdapterRef | None:
+        """The adapter that answers a message: the active one, or the version a
+        canary or watch turn asked for (``store.conversations.start_turn``) if it
+        is still served beside it here; else the active one, and the message
+        records that (such a comparison pits one version against itself and
+        counts for neither)."""
+        challenger = self.adapters.challenger()
+        if requested is not None and challenger is not None and requested == challenger.name:
+            return challenger
+        return self.adapters.active
 
     def _finish(self, message_id: int, text: str, status: str, last: GenerationChunk | None) -> None:
         """Store the answer's end: one UPDATE, no ORM load (it runs once per answer

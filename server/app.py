@@ -27,6 +27,7 @@ from server.metrics import Metrics, RequestMetrics
 from server.middleware import BodySizeLimit, BrowserIdentity
 from server.proxies import trusted_networks
 from server.rate_limit import GenerationSlots, RateLimiter
+from server.referee import keep_refereeing
 from server.rendering import STATIC_DIR, make_templates
 from server.routes import accounts, admin, comparisons, feedback, health, openai_api, pages
 from server.scheduler import RetrainScheduler
@@ -73,6 +74,7 @@ def create_app(
         startup = asyncio.create_task(
             _start_serving(chat_engine, adapters, owns_engine, settings.adapter_poll_seconds, db.url)
         )
+        refereeing = asyncio.create_task(keep_refereeing(db, settings))
         scheduler = RetrainScheduler(settings, db) if settings.scheduler else None
         if scheduler:
             scheduler.start()
@@ -82,6 +84,7 @@ def create_app(
         finally:
             startup.cancel()
             presence.cancel()
+            refereeing.cancel()
             await app.state.feedback.close()  # what was accepted is committed before the database goes
             try:
                 await asyncio.to_thread(answers.withdraw)

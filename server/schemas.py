@@ -120,6 +120,11 @@ class ComparisonIn(BaseModel):
         "comparison (TUNELOOP_AB_SELECTION at TUNELOOP_AB_RATE). If not, one plain answer is returned instead: "
         '`"id": null, "b": null`. Either way the response has `"selection"`.',
     )
+    canary: bool = Field(
+        False,
+        description="Pit the running canary (or, during the watch after a promotion, the version it replaced) "
+        "against the active version: one side each, at random. 409 when none is being served.",
+    )
 
 
 def validate_chat(messages: list[ChatMessageIn], settings: Settings, answers: int = 1) -> list[dict[str, str]]:

@@ -195,6 +195,7 @@ def start_turn(
     compare: bool = False,
     claimed_by: str | None = None,
     adapter_version: str | None = None,
+    challenger: str | None = None,
 ) -> Turn:
     """The one way a turn enters the store (web pages, OpenAI API, comparisons API).
 
@@ -203,7 +204,10 @@ def start_turn(
     when it is None; then one answer per sampling, ``pending`` (or ``streaming``
     and pinned to ``adapter_version`` when this process already claimed it:
     ``claimed_by``). ``compare`` makes the two answers an A/B comparison whose
-    sides are a coin flip. Raises InvalidInput (no user question last, not two
+    sides are a coin flip. ``challenger`` (a canary or watch turn,
+    ``store.canary``): the version asked to produce the second answer of a
+    comparison (or the single answer), recorded on the pending message; the
+    server that claims it decides (``AnswerService``). Raises InvalidInput (no user question last, not two
     answers to compare) or LimitExceeded (TUNELOOP_MAX_TURNS). The caller commits.
     """
     if not new_messages or new_messages[-1]["role"] != "user" or not new_messages[-1]["content"].strip():
@@ -228,6 +232,9 @@ def start_turn(
     claim = {"status": "streaming", "claimed_by": claimed_by, "adapter_version": adapter_version} if claimed_by \
         else {"status": "pending"}
     answers = [add_message(session, conversation, question.id, "assistant", sampling=s, **claim) for s in samplings]
+    if challenger is not None and not claimed_by:
+        answers[-1].adapter_version = challenger
+        session.add(answers[-1])
     comparison = None
     if compare:
         # A coin flip decides which sample is shown as A (left), so a position

@@ -228,6 +228,62 @@ class Settings(BaseSettings):
         0.05, ge=0.0, description="Sanity-set NLL a candidate may have above the base model's "
         "(relative): a fixed budget, so drift cannot compound over promotions."
     )
+    canary: bool = Field(
+        True, description="A candidate that passes the offline gate becomes a `canary`, not yet active: users "
+        "judge it against the active version on blind A/B turns, and a sequential test promotes or rejects it "
+        "(README, \"The canary\"). False: the offline gate promotes at once."
+    )
+    canary_ab_rate: float = Field(
+        0.5, ge=0.0, le=1.0, description="While a canary runs, the share of chat turns that are A/B turns of the "
+        "canary against the active version (sides at random, same sampling for both)."
+    )
+    canary_traffic: float = Field(
+        0.0, ge=0.0, le=1.0, description="While a canary runs, the share of ordinary (single-answer) turns the "
+        "canary answers, so its thumbs-up rate can be compared too."
+    )
+    canary_margin: float = Field(
+        0.05, ge=0.0, lt=0.5, description="Non-inferiority margin of the canary test: the canary is promoted once "
+        "its win score against the active version (a win 1, a loss 0, a tie or both bad 0.5) is shown above "
+        "0.5 minus this; rejected once shown below 0.5."
+    )
+    canary_require_better: bool = Field(
+        False, description="Promote a canary only when shown better than the active version (score above 0.5), "
+        "not merely not worse by more than TUNELOOP_CANARY_MARGIN."
+    )
+    canary_alpha: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Error rate of the canary test and the post-promotion watch, valid "
+        "however often they are looked at (an always-valid confidence sequence)."
+    )
+    canary_min_votes: int = Field(
+        20, ge=1, description="Votes a canary needs before the test may decide either way."
+    )
+    canary_max_votes: int = Field(
+        1000, ge=1, description="Votes after which an undecided canary ends with TUNELOOP_CANARY_DEFAULT."
+    )
+    canary_max_hours: float = Field(
+        24.0, gt=0, description="Hours after which an undecided canary ends with TUNELOOP_CANARY_DEFAULT "
+        "(traffic too thin to decide)."
+    )
+    canary_default: str = Field(
+        "reject", pattern="^(reject|promote)$", description="What an undecided canary becomes at its vote or time "
+        "limit: `reject` (the active version keeps serving: the safe default) or `promote` (trust the offline "
+        "gate)."
+    )
+    canary_votes_per_user: int = Field(
+        10, ge=1, description="Most votes of one user that count in a canary (or a watch): no single user decides "
+        "a promotion or a rollback."
+    )
+    canary_check_seconds: float = Field(
+        10.0, gt=0, description="How often the scheduler looks at the canary and the post-promotion watch."
+    )
+    watch_answers: int = Field(
+        200, ge=0, description="Post-promotion watch: for this many rated answers of a newly active version its "
+        "thumbs-up rate and its A/B record against the previous version are watched, and a significant drop "
+        "rolls it back automatically (once per version). 0: no watch."
+    )
+    watch_hours: float = Field(
+        72.0, gt=0, description="The post-promotion watch ends after this long even with fewer rated answers."
+    )
     run_timeout_minutes: int = Field(
         120, ge=1, description="A training run still going after this long is killed and failed."
     )

@@ -23,6 +23,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC time (SQLite hands timestamps back naive, in UTC)."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
 def _timestamp(nullable: bool = False, index: bool = False) -> Any:
     column = Column(DateTime(timezone=True), nullable=nullable, index=index)
     if nullable:
@@ -168,7 +173,7 @@ class AdapterVersion(SQLModel, table=True):
     status: str = Field(
         default="candidate",
         max_length=16,
-        description="training | candidate | active | retired | rolled_back | rejected | failed",
+        description="training | candidate | canary | active | retired | rolled_back | rejected | failed",
     )
     parent_version: int | None = Field(default=None, description="adapter it continued")
     training_run_id: int | None = Field(default=None, foreign_key="training_runs.id")
@@ -209,7 +214,7 @@ class TrainingRun(SQLModel, table=True):
     status: str = Field(
         default="queued",
         max_length=16,
-        description="queued | running | promoted | rejected | skipped | failed",
+        description="queued | running | canary | promoted | rejected | skipped | failed",
     )
     trigger: str = Field(default="manual", max_length=16, description="schedule | manual | api")
     pid: int | None = None

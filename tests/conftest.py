@@ -30,6 +30,9 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
         "data_dir": tmp_path / "data",
         "engine": "fake",
         "ab_rate": 0.0,
+        # promotion by the offline gate alone; the canary tests switch it on
+        "canary": False,
+        "watch_answers": 0,
         "default_max_tokens": 8,
         "scheduler": False,
         # Tests send many requests per identity, some at once: the limits are off

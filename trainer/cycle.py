@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from store.canary import start_canary, start_watch, training_waits_for
 from store.db import make_engine, session_scope
 from store.examples import Example, record_examples, select_examples_for_run
 from store.exchange.pair_format import Pair
@@ -128,7 +129,7 @@ def _record_selection(session: Session, run_id: int, selection: RunSelection, sk
 
 def run_cycle(settings: Settings, run_id: int) -> str:
     """Run cycle ``run_id`` to its end; return the run's final status
-    (``promoted``, ``rejected``, ``skipped``). Raises after marking the run
+    (``promoted``, ``canary``, ``rejected``, ``skipped``). Raises after marking the run
     ``failed`` (and the version it reserved) if anything goes wrong."""
     db = make_engine(settings.resolved_database_url)
     try:
@@ -155,6 +156,14 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
     )
     config = TrainConfig.from_settings(settings)
     with session_scope(db) as session:
+        waits_for = training_waits_for(session)
+        if waits_for:
+            # its pairs stay new; the next run learns from them and whatever the canary's votes add
+            run = session.get(TrainingRun, run_id)
+            run.status, run.finished_at, run.progress = "skipped", utcnow(), {"phase": "done"}
+            run.metrics = {"reason": f"{waits_for}: training waits for its decision"}
+            session.add(run)
+            return "skipped"
         report = build_pairs(session, config.eval_share)
     with session_scope(db) as session:
         selection = select_for_run(
@@ -246,8 +255,12 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
             # someone activated or rolled back meanwhile: their decision stands
             decision["promote"] = False
             decision["reasons"].append("the active adapter changed during the run; not overriding it")
-        if decision["promote"]:
+        if decision["promote"] and settings.canary:
+            start_canary(session, row, version_name(parent[0]))  # users decide (store.canary)
+            run.status = "canary"
+        elif decision["promote"]:
             activate(session, version)
+            start_watch(row, version_name(parent[0]), settings)
             run.status = "promoted"
         else:
             row.status = "rejected"

@@ -12,6 +12,7 @@ from fastapi import APIRouter
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
+from server.ab_selection import AbDecision
 from server.deps import (
     AnswersDep,
     CurrentUser,
@@ -44,14 +45,15 @@ def _answer_json(message: Message) -> dict:
 
 
 def _store_answers(
-    db: Engine, settings: Settings, user_id: int, history: list[dict[str, str]], samplings: list[dict]
+    db: Engine, settings: Settings, user_id: int, history: list[dict[str, str]], samplings: list[dict],
+    challenger: str | None,
 ) -> tuple[int | None, list[int]]:
     """Store the context and its pending answers, two as a comparison; the ids
     of the comparison (None for one answer) and of the answers (A, B)."""
     with session_scope(db) as session:
         turn = start_turn(
             session, session.get(User, user_id), None, history, samplings,
-            max_turns=settings.max_turns, source="api", compare=len(samplings) == 2,
+            max_turns=settings.max_turns, source="api", compare=len(samplings) == 2, challenger=challenger,
         )
         return (turn.comparison.id if turn.comparison else None), [a.id for a in turn.answers]
 
@@ -75,7 +77,12 @@ async def create_comparison(
     if not engine.ready:
         raise ApiError(503, "the model engine is starting or restarting; retry shortly")
     decision = None
-    if body.only_if_selected:
+    if body.canary:
+        challenger = answers.adapters.challenger()
+        if challenger is None:
+            raise ApiError(409, "no canary (nor a watched promotion's previous version) is being served now", "canary")
+        decision = AbDecision(True, 1.0, answers.adapters.beside_role or "canary", challenger=challenger.name)
+    elif body.only_if_selected:
         slots.check(user.id)  # 429 before the probe if not even one answer could start
         decision = await answers.decide_ab(history)
     count = 1 if decision is not None and not decision.compare else 2
@@ -87,7 +94,8 @@ async def create_comparison(
     lease = slots.take(user.id, count)  # the answers generate at once: 429 before anything is stored
     try:
         comparison_id, ids = await run_in_threadpool(
-            _store_answers, answers.db, settings, user.id, history, samplings
+            _store_answers, answers.db, settings, user.id, history, samplings,
+            decision.challenger if decision is not None else None,
         )
     except BaseException:
         lease.close()

@@ -14,11 +14,14 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz")
 async def healthz(engine: EngineDep, adapters: AdaptersDep) -> JSONResponse:
     adapter = adapters.active
+    challenger = adapters.challenger()
     body = {
         "status": "ok" if engine.ready else getattr(engine, "state", "unavailable"),
         "engine": engine.name,
         "model": engine.model,
         "adapter": adapter.name if adapter else None,
+        # the canary (or a watched promotion's previous version) served beside it, for A/B turns of the two
+        "beside": {"adapter": challenger.name, "role": adapters.beside_role} if challenger else None,
     }
     return JSONResponse(body, status_code=200 if engine.ready else 503)
 

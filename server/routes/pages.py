@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
+from server.ab_selection import AbDecision
 from server.answers import AnswerService
 from server.csrf import browser_token
 from server.deps import (
@@ -183,24 +184,27 @@ def _turn_context(
 
 async def _decide_ab(
     session: Session, settings: Settings, conversation: Conversation | None, text: str, answers: AnswerService
-) -> bool:
-    """Whether this turn is an A/B turn (``AnswerService.decide_ab``: it may
-    probe the model, so it runs here, on the event loop, before the turn is
-    stored in the thread pool). Raises the context check's 400 first."""
+) -> AbDecision:
+    """Whether this turn is an A/B turn, and of what (``AnswerService.decide_ab``:
+    it may probe the model, so it runs here, on the event loop, before the turn
+    is stored in the thread pool). Raises the context check's 400 first."""
     context = await run_in_threadpool(_turn_context, session, settings, conversation, text, answers)
-    return (await answers.decide_ab(context)).compare
+    return await answers.decide_ab(context)
 
 
 def _add_turn(
     session: Session, settings: Settings, user: User, conversation: Conversation | None, text: str,
-    answers: AnswerService, ab: bool,
+    answers: AnswerService, ab: AbDecision,
 ) -> tuple[Conversation, dict]:
     """Store the user's message and one answer, or two as an A/B turn (``ab``;
-    a new conversation when ``conversation`` is None)."""
+    a new conversation when ``conversation`` is None). Two samples of one
+    version differ more when the second is hotter; two versions are sampled
+    alike, so only the version differs."""
+    contrast = ab.challenger is None
     turn = start_turn(
         session, user, conversation, [{"role": "user", "content": text}],
-        [answers.web_sampling(contrast=i == 1).to_json() for i in range(2 if ab else 1)],
-        max_turns=settings.max_turns, source="web", compare=ab,
+        [answers.web_sampling(contrast=contrast and i == 1).to_json() for i in range(2 if ab.compare else 1)],
+        max_turns=settings.max_turns, source="web", compare=ab.compare, challenger=ab.challenger,
     )
     conversation = turn.conversation
     if turn.comparison is not None:

@@ -51,6 +51,7 @@ def start_live_server(settings: Settings, engine: ChatEngine, loop_thread: Engin
     # base model, so the engine must too (a previous test may have left an
     # adapter merged into its weights).
     loop_thread.run(engine.serve(None), timeout=120)
+    loop_thread.run(engine.serve_beside(None), timeout=120)  # nor a canary beside it
     app = create_app(settings, engine=engine)
     port = free_port()
     config = uvicorn.Config(

@@ -8,7 +8,8 @@ API (``/api/admin/...``) and its dashboard pages (``/admin/...``) side by side:
 - ``adapters``: adapter versions, activation, rollback, lineage;
 - ``keys``: API keys;
 - ``users``: accounts, the busiest identities, exclusion from training;
-- ``leaderboard``: versions ranked by the A/B votes between them.
+- ``leaderboard``: versions ranked by the A/B votes between them;
+- ``canary``: the canary and the post-promotion watch, ending a canary by hand.
 
 ``shapes`` holds the JSON shapes they share; ``dashboard`` the routers and the
 sign-in redirect every page route uses.
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.routes.admin import adapters, datasets, feedback, keys, leaderboard, runs, session, users
+from server.routes.admin import adapters, canary, datasets, feedback, keys, leaderboard, runs, session, users
 
 ROUTERS: tuple[APIRouter, ...] = (
-    runs.api, adapters.api, datasets.api, users.api, leaderboard.api,
+    runs.api, adapters.api, canary.api, datasets.api, users.api, leaderboard.api,
     session.pages, feedback.pages, runs.pages, adapters.pages, keys.pages, users.pages, leaderboard.pages,
+    canary.pages,
 )

@@ -23,13 +23,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlmodel import Session
 
 from server import admin_views
-from server.deps import AdminDep, AdminPage, AdminRender, AdminSession, SessionDep
+from server.deps import AdminDep, AdminPage, AdminRender, AdminSession, SessionDep, SettingsDep
 from server.errors import store_error_status
 from server.rendering import is_htmx
 from server.routes.admin.dashboard import api_router, pages_router
-from server.routes.admin.shapes import adapter_detail_json, adapter_json, lineage_json
+from server.routes.admin.shapes import adapter_detail_json, adapter_json, lineage_json, trials_json
 from store.errors import InvalidInput, StoreError, UnknownAdapterVersion
 from store.registry import activate, active_version, get_version, list_versions, parse_version, rollback, version_name
+from store.settings import Settings
 
 api = api_router()
 pages = pages_router()
@@ -84,22 +85,24 @@ def lineage(version: str, _: AdminDep, session: SessionDep) -> dict[str, Any]:
 # --- dashboard -------------------------------------------------------------------
 
 
-def _adapters_context(session: Session, notice: dict | None = None) -> dict:
+def _adapters_context(session: Session, settings: Settings, notice: dict | None = None) -> dict:
     current, previous = admin_views.rollback_target(session)
     return {
         "nav": "adapters", "rows": admin_views.adapter_rows(session), "notice": notice,
-        "active": current, "rollback_to": previous,
+        "active": current, "rollback_to": previous, "trials": trials_json(session, settings),
     }
 
 
-def _adapters_answer(
+def adapters_answer(
     request: Request, render: Callable[..., HTMLResponse], admin: AdminSession, session: Session,
-    notice: dict, status: int, done_query: str,
+    settings: Settings, notice: dict, status: int, done_query: str,
 ) -> Response:
+    """The adapters panel after a dashboard action: the panel for htmx, else
+    the page (an error) or a redirect to it (done)."""
     if is_htmx(request):
-        return render("_adapters.html", _adapters_context(session, notice), admin, status=status)
+        return render("_adapters.html", _adapters_context(session, settings, notice), admin, status=status)
     if status >= 400:
-        return render("adapters.html", _adapters_context(session, notice), admin, status=status)
+        return render("adapters.html", _adapters_context(session, settings, notice), admin, status=status)
     return RedirectResponse(f"/admin/adapters?{done_query}", status_code=303)
 
 
@@ -115,7 +118,7 @@ def _named_version(text: str | None) -> str | None:
 
 @pages.get("/adapters", response_class=HTMLResponse)
 def adapters_page(
-    admin: AdminPage, session: SessionDep, render: AdminRender,
+    admin: AdminPage, session: SessionDep, render: AdminRender, settings: SettingsDep,
     activated: str | None = None, rolled_back_to: str | None = None,
 ) -> HTMLResponse:
     notice = None
@@ -125,7 +128,7 @@ def adapters_page(
     elif rolled_back_to:
         target = "the base model" if rolled_back_to == "base" else rolled_back_to
         notice = {"kind": "ok", "text": f"Rolled back: {target} now serves; servers swap at once."}
-    return render("adapters.html", _adapters_context(session, notice), admin)
+    return render("adapters.html", _adapters_context(session, settings, notice), admin)
 
 
 @pages.get("/adapters/rollback", response_class=HTMLResponse)
@@ -144,16 +147,18 @@ def confirm_rollback(admin: AdminPage, session: SessionDep, render: AdminRender)
 
 
 @pages.post("/adapters/rollback")
-def rollback_page(request: Request, admin: AdminPage, session: SessionDep, render: AdminRender) -> Response:
+def rollback_page(
+    request: Request, admin: AdminPage, session: SessionDep, render: AdminRender, settings: SettingsDep
+) -> Response:
     try:
         row = rollback(session)
     except StoreError as exc:  # shown in the page's notice, with the status the API would answer
-        return _adapters_answer(request, render, admin, session, {"kind": "error", "text": exc.message},
+        return adapters_answer(request, render, admin, session, settings, {"kind": "error", "text": exc.message},
                                 store_error_status(exc), "")
     session.commit()
     target = row.name if row else "base"
     text = f"Rolled back: {row.name if row else 'the base model'} now serves; servers swap at once."
-    return _adapters_answer(request, render, admin, session, {"kind": "ok", "text": text}, 200,
+    return adapters_answer(request, render, admin, session, settings, {"kind": "ok", "text": text}, 200,
                             f"rolled_back_to={target}")
 
 
@@ -175,17 +180,19 @@ def confirm_activate(version: str, admin: AdminPage, session: SessionDep, render
 
 @pages.post("/adapters/{version}/activate")
 def activate_page(
-    version: str, request: Request, admin: AdminPage, session: SessionDep, render: AdminRender
+    version: str, request: Request, admin: AdminPage, session: SessionDep, render: AdminRender,
+    settings: SettingsDep,
 ) -> Response:
     try:
         row = activate(session, parse_version(version))
     except StoreError as exc:  # shown in the page's notice, with the status the API would answer
-        return _adapters_answer(request, render, admin, session, {"kind": "error", "text": exc.message},
+        return adapters_answer(request, render, admin, session, settings, {"kind": "error", "text": exc.message},
                                 store_error_status(exc), "")
     session.commit()
     name = row.name if row else "base"
     text = f"{name} is now active; servers swap to it at once."
-    return _adapters_answer(request, render, admin, session, {"kind": "ok", "text": text}, 200, f"activated={name}")
+    return adapters_answer(request, render, admin, session, settings, {"kind": "ok", "text": text}, 200,
+                           f"activated={name}")
 
 
 @pages.get("/adapters/{version}/lineage", response_class=HTMLResponse)

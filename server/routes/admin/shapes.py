@@ -10,9 +10,11 @@ from typing import Any
 
 from sqlmodel import Session
 
+from store.canary import canary_status, watch_status
 from store.load_failures import load_failures
 from store.presence import live_claims
-from store.registry import lineage_examples, lineage_pairs, version_name
+from store.registry import active_version, lineage_examples, lineage_pairs, version_name
+from store.settings import Settings
 from store.tables import AdapterVersion, TrainingRun
 
 
@@ -83,3 +85,11 @@ def _name(version: int | None) -> str | None:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def trials_json(session: Session, settings: Settings) -> dict[str, Any]:
+    """The running canary and the watch of the active version, each with the
+    test's verdict so far (null when none runs)."""
+    canary = canary_status(session, settings)
+    watch = watch_status(session, settings, active_version(session))
+    return {"canary": canary.to_json() if canary else None, "watch": watch.to_json() if watch else None}
