@@ -43,7 +43,9 @@ def start_server(data_dir: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "TUNELOOP_DATA_DIR": str(data_dir), "TUNELOOP_PORT": str(port),
            "TUNELOOP_SCHEDULER": "false", "TUNELOOP_EVAL_SHARE": "0.1",
            # this measures a cycle's time and the swap, not the gate: ~5 held-out pairs may count as evidence
-           "TUNELOOP_GATE_MIN_HELD_OUT_PAIRS": "1"}
+           "TUNELOOP_GATE_MIN_HELD_OUT_PAIRS": "1",
+           # promotion by the offline gate at once: the canary has its own bench (bench/canary.py)
+           "TUNELOOP_CANARY": "false", "TUNELOOP_WATCH_ANSWERS": "0"}
     log_file = open(data_dir / "server.log", "w")  # noqa: SIM115 - the server outlives this function
     process = subprocess.Popen([str(REPO / ".venv/bin/tuneloop"), "serve"], cwd=REPO, env=env,
                                stdout=log_file, stderr=subprocess.STDOUT)

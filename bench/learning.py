@@ -344,6 +344,8 @@ OVERRIDES = {
     "replay_fraction": 0.5,       # the default
     "gate_sanity_tolerance": 0.05,  # the default (measured from the base model)
     "max_pairs_per_user": 50,     # the default
+    "canary": False,              # this measures learning by the offline gate; bench/canary.py measures the canary
+    "watch_answers": 0,
 }
 
 

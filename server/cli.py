@@ -7,6 +7,7 @@ non-zero with a one-line message on failure, and has ``--help``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -297,6 +298,28 @@ def cmd_adapters_rollback(args: argparse.Namespace, settings: Settings) -> None:
     _change_active(settings, rollback)
 
 
+def cmd_canary(args: argparse.Namespace, settings: Settings) -> None:
+    """``status``: where the canary and the post-promotion watch stand;
+    ``promote`` / ``reject``: end the canary now (as the dashboard's buttons)."""
+    from store.canary import canary_status, end_canary, watch_status
+    from store.db import session_scope
+    from store.errors import StoreError
+    from store.registry import active_version
+
+    with session_scope(_db(settings)) as session:
+        if args.action == "status":
+            canary = canary_status(session, settings)
+            watch = watch_status(session, settings, active_version(session))
+            print(json.dumps({"canary": canary.to_json() if canary else None,
+                              "watch": watch.to_json() if watch else None}, indent=2))
+            return
+        try:
+            outcome = end_canary(session, settings, args.action == "promote", args.note)
+        except StoreError as exc:
+            raise CliError(str(exc)) from exc
+    print(f"canary {outcome} (running servers follow at once)")
+
+
 def _progress(iterable, total: int | None = None, desc: str = ""):
     """A progress bar on stderr (tqdm when installed, else one line at the end)."""
     try:
@@ -419,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_commands.add_parser(
         "rollback", help="go back to the version active before the current one"
     ).set_defaults(handler=cmd_adapters_rollback)
+
+    canary = commands.add_parser("canary", help="the canary users are judging: status, promote or reject now")
+    canary.add_argument("action", choices=("status", "promote", "reject"))
+    canary.add_argument("--note", default="", help="why (kept with the decision)")
+    canary.set_defaults(handler=cmd_canary)
 
     keys = commands.add_parser("keys", help="API keys for the OpenAI-compatible and feedback APIs")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")

@@ -7,6 +7,7 @@ tests/server/test_serve_beside.py and tests/server/test_retraining_loop.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -275,3 +276,30 @@ def test_web_turns_during_a_canary_are_blind_ab_turns_sampled_alike(app):
     assert answers[0].sampling["temperature"] == answers[1].sampling["temperature"]
     # blind: the page names no version (the fake engine's answer itself starts "[v1]")
     assert sent.text.count("[v1]") == 1 and sent.text.count("v1") == 1
+
+
+def test_the_cli_shows_and_ends_a_canary(tmp_path, monkeypatch, capsys):
+    from server.cli import main
+    from store.db import upgrade
+
+    monkeypatch.setenv("TUNELOOP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("TUNELOOP_DATABASE_URL", raising=False)
+    (tmp_path / "data").mkdir()
+    url = f"sqlite:///{tmp_path / 'data' / 'tuneloop.db'}"
+    upgrade(url)
+    db = make_engine(url)
+    assert main(["canary", "reject"]) == 1
+    assert "no canary is running" in capsys.readouterr().err
+    with session_scope(db) as session:
+        session.add(AdapterVersion(version=1, path=str(servable_folder(tmp_path / "v1")), status="retired"))
+    with session_scope(db) as session:
+        start_canary(session, get_version(session, 1), "base")
+    assert main(["canary", "status"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["canary"]["version"] == "v1" and shown["canary"]["votes"] == 0 and shown["watch"] is None
+    assert main(["canary", "promote", "--note", "read the answers"]) == 0
+    assert "canary promoted" in capsys.readouterr().out
+    with Session(db) as session:
+        row = get_version(session, 1)
+        assert row.status == "active" and row.metrics["canary"]["decided_by"] == "admin"
+    db.dispose()
