@@ -66,9 +66,11 @@ async def create_comparison(
     """Two answers to ``messages``: ``{"id", "a", "b"}``. With ``only_if_selected``
     the server's A/B selection decides first (``AnswerService.decide_ab``), and
     the response says how (``"selection": {"compare", "probability", "basis",
-    "uncertainty"}``); passed over, the context gets one plain answer,
+    "uncertainty", "challenger"}``); passed over, the context gets one plain answer,
     ``{"id": null, "a": {...}, "b": null, "selection": {...}}``, rateable with
-    ``POST /api/messages/{id}/feedback``."""
+    ``POST /api/messages/{id}/feedback``. With ``canary`` one answer comes from
+    the running canary (or a watched promotion's previous version), the other
+    from the active version, sides at random; 409 when none is served."""
     history = validate_chat(body.messages, settings, answers=2)
     max_tokens = body.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_new_tokens:

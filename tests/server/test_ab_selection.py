@@ -216,7 +216,8 @@ def test_only_if_selected_answers_once_when_the_server_passes_the_context_over(a
     assert passed.status_code == 200
     body = passed.json()
     assert body["id"] is None and body["b"] is None and body["a"]["content"]
-    assert body["selection"] == {"compare": False, "probability": 0.0, "basis": "uncertainty", "uncertainty": 0.0}
+    assert body["selection"] == {"compare": False, "probability": 0.0, "basis": "uncertainty", "uncertainty": 0.0,
+                                 "challenger": None}
     thumb = client.post(f"/api/messages/{body['a']['message_id']}/feedback", json={"rating": "up"}, headers=alice)
     assert thumb.status_code == 200
 
