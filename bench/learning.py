@@ -346,6 +346,7 @@ OVERRIDES = {
     "max_pairs_per_user": 50,     # the default
     "canary": False,              # this measures learning by the offline gate; bench/canary.py measures the canary
     "watch_answers": 0,
+    "side_by_side_prompts": 0,    # a display for the run page: not part of what is measured
 }
 
 

@@ -228,6 +228,10 @@ class Settings(BaseSettings):
         0.05, ge=0.0, description="Sanity-set NLL a candidate may have above the base model's "
         "(relative): a fixed budget, so drift cannot compound over promotions."
     )
+    side_by_side_prompts: int = Field(
+        4, ge=0, description="Held-out prompts each run answers at temperature 0 with the candidate and "
+        "the active version, shown side by side on the run's page (trainer/side_by_side.py); 0 turns it off."
+    )
     canary: bool = Field(
         True, description="A candidate that passes the offline gate becomes a `canary`, not yet active: users "
         "judge it against the active version on blind A/B turns, and a sequential test promotes or rejects it "

@@ -33,6 +33,8 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
         # promotion by the offline gate alone; the canary tests switch it on
         "canary": False,
         "watch_answers": 0,
+        # ~20-40 s of generation per real run; tests/trainer/test_side_by_side.py and one real cycle cover it
+        "side_by_side_prompts": 0,
         "default_max_tokens": 8,
         "scheduler": False,
         # Tests send many requests per identity, some at once: the limits are off

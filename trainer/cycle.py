@@ -239,6 +239,18 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
     decision, candidate_metrics, active_metrics = _evaluate(
         settings, parent[1], out_dir, eval_pairs, config, thumbs.eval, trained)
     heartbeat.check()
+    # side by side (trainer/side_by_side.py): a display for the run's page; never raises
+    from trainer.side_by_side import side_by_side_metrics
+
+    if settings.side_by_side_prompts:
+        _update_run(db, run_id, progress={"phase": "answering held-out prompts side by side"})
+    shown = side_by_side_metrics(settings.model, parent[1], out_dir, eval_pairs, thumbs.eval,
+                                 limit=settings.side_by_side_prompts, seed=run_id)
+    heartbeat.check()
+    with session_scope(db) as session:
+        run = session.get(TrainingRun, run_id)
+        run.metrics = {**(run.metrics or {}), **shown}
+        session.add(run)
 
     with session_scope(db) as session:
         if not still_holds(session, run_id):
