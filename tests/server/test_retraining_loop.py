@@ -83,26 +83,64 @@ def answer(server, headers, **extra) -> httpx.Response:
                       json={"messages": PROMPT, "max_tokens": 24, "temperature": 0, **extra})
 
 
-def test_feedback_trains_promotes_swaps_and_rolls_back(live_server):
+def judge_the_canary(server, headers, prefer: str = "v1", seed: int = 1000) -> tuple[int, str]:
+    """Simulated users on explicit canary A/B turns, picking ``prefer``'s side,
+    until the referee decides (a 409: none served any more). The last canary
+    answer and the seed it was sampled with (the second sampling's)."""
+    last = None
+    with httpx.Client(base_url=server.base_url, timeout=180) as http:
+        for i in range(40):
+            made = http.post("/api/comparisons", headers=headers, json={
+                "messages": PROMPT, "max_tokens": 24, "temperature": 0.8, "seed": seed + 2 * i, "canary": True})
+            if made.status_code == 409:
+                return last
+            assert made.status_code == 200, made.text
+            body = made.json()
+            assert {body["a"]["adapter"], body["b"]["adapter"]} == {"v1", None}  # one side each
+            side = "a" if (body["a"]["adapter"] or "base") == prefer else "b"
+            canary = "a" if body["a"]["adapter"] == "v1" else "b"
+            last = (seed + 2 * i + 1, body[canary]["content"])
+            assert http.post(f"/api/comparisons/{body['id']}/choice", json={"winner": side},
+                             headers=headers).status_code == 200
+    raise AssertionError("the canary was not decided after 40 votes")
+
+
+def test_feedback_trains_a_canary_users_promote_then_swaps_and_rolls_back(live_server):
     server = live_server(**FAST_TRAINING, gate_min_margin_gain=-1e9, gate_sanity_tolerance=10.0,
-                         gate_min_held_out_pairs=1)  # a few pairs in a test: promotion is forced
+                         gate_min_held_out_pairs=1,  # a few pairs in a test: the offline gate is forced
+                         canary=True, canary_min_votes=8, canary_check_seconds=0.5, watch_answers=0,
+                         side_by_side_prompts=1)
     headers = server.headers("user")
     before = answer(server, headers).json()
     assert before["tuneloop"]["adapter"] is None
     give_feedback_until_both_splits(server, headers)
 
     run = retrain_and_wait(server)
-    assert run["status"] == "promoted", run
+    assert run["status"] == "canary", run
     assert run["adapter_version"] == "v1" and run["parent_version"] is None
     steps = run["metrics"]["steps"]
     assert steps and {"loss", "nll_loss", "log_odds_ratio"} <= set(steps[-1])
     numbers = run["metrics"]["decision"]["numbers"]
     assert numbers and run["metrics"]["candidate"]["pairs"] >= 1
+    (shown,) = run["metrics"]["side_by_side"]  # what a product team reads before the canary
+    assert shown["prompt"] and shown["candidate"] and shown["active"]
+
+    # users judge v1 against the base model on blind A/B turns (v1 served beside it: a second
+    # engine with v1 merged), prefer it, and the referee's sequential test promotes it
+    wait_for(lambda: (httpx.get(server.base_url + "/healthz").json()["beside"] or {}).get("adapter") == "v1",
+             300, "v1 served beside the base model")
+    canary_seed, canary_text = judge_the_canary(server, headers)
+    run = httpx.get(f"{server.base_url}/api/admin/runs/{run['id']}", headers=ADMIN, timeout=30).json()
+    assert run["status"] == "promoted" and run["metrics"]["canary"]["decided_by"] == "sequential test", run
+    assert run["metrics"]["canary"]["verdict"]["low"] >= 0.45
 
     # the running server swaps to v1 by itself: no restart
     wait_for(lambda: httpx.get(server.base_url + "/healthz").json()["adapter"] == "v1", 60, "the swap to v1")
     after = answer(server, headers).json()
     assert after["tuneloop"]["adapter"] == "v1"
+    # what v1 answered beside the base model is what it answers once it serves: the same seed, the same text
+    again = answer(server, headers, temperature=0.8, seed=canary_seed).json()
+    assert again["choices"][0]["message"]["content"] == canary_text
     with Session(server.app.state.db) as session:
         stored = session.get(Message, after["tuneloop"]["message_id"])
         assert stored.adapter_version == "v1"
