@@ -303,3 +303,27 @@ def test_the_cli_shows_and_ends_a_canary(tmp_path, monkeypatch, capsys):
         row = get_version(session, 1)
         assert row.status == "active" and row.metrics["canary"]["decided_by"] == "admin"
     db.dispose()
+
+
+def test_training_waits_while_users_judge_a_canary(tmp_path):
+    from store.db import upgrade
+    from store.run_lease import open_run
+    from store.tables import TrainingRun
+    from trainer.cycle import run_cycle
+
+    settings = make_settings(tmp_path, canary=True)
+    settings.data_dir.mkdir(parents=True)
+    upgrade(settings.resolved_database_url)
+    db = make_engine(settings.resolved_database_url)
+    with session_scope(db) as session:
+        session.add(AdapterVersion(version=1, path=str(servable_folder(tmp_path / "v1")), status="retired"))
+    with session_scope(db) as session:
+        start_canary(session, get_version(session, 1), "base")
+    run_id = open_run(db, "schedule")
+    assert run_cycle(settings, run_id) == "skipped"
+    with Session(db) as session:
+        run = session.get(TrainingRun, run_id)
+        assert run.status == "skipped" and "v1 is a canary" in run.metrics["reason"]
+        assert get_version(session, 1).status == "canary"
+    assert open_run(db, "manual")  # the run gave its lease back
+    db.dispose()
