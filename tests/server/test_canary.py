@@ -327,3 +327,15 @@ def test_training_waits_while_users_judge_a_canary(tmp_path):
         assert get_version(session, 1).status == "canary"
     assert open_run(db, "manual")  # the run gave its lease back
     db.dispose()
+
+
+def test_canary_traffic_answers_single_turns_with_the_canary(app):
+    server = app(canary_ab_rate=0.0, canary_traffic=1.0)
+    make_canary(server, 1)
+    headers = server.server.headers("user")
+    response = httpx.post(server.url + "/api/comparisons", headers=headers, timeout=30, json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "only_if_selected": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["b"] is None and body["selection"]["basis"] == "canary" and body["selection"]["compare"] is False
+    assert body["a"]["adapter"] == "v1" and body["a"]["content"].startswith("[v1]")
