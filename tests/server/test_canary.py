@@ -132,8 +132,8 @@ def test_a_canary_users_prefer_is_promoted_and_one_they_dislike_is_rejected(app)
     sides = set()
     for i in range(40):
         versions = canary_turn(server, users[i % 4], prefer="v1")
-        if versions is None:
-            break
+        if versions is None or len(set(versions.values())) == 1:
+            break  # decided (a turn claimed across the promotion is v1 on both sides: it counts for none)
         assert sorted(versions.values()) == ["base", "v1"]  # one side each, every time
         sides.add(versions["a"])
     assert sides == {"base", "v1"} or len(sides) == 1 and i < 12  # sides at random (too few turns to insist)
