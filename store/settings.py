@@ -47,8 +47,25 @@ class Settings(BaseSettings):
     )
     engine: str = Field(
         "vllm",
-        description="`vllm` (in-process vLLM AsyncLLM) or `fake` (canned answers, for "
-        "UI work and fast tests only).",
+        description="`vllm` (in-process vLLM AsyncLLM), `openai` (a fleet of vLLM OpenAI servers, "
+        "TUNELOOP_ENGINE_URLS) or `fake` (canned answers, for UI work and fast tests only).",
+    )
+    engine_urls: str = Field(
+        "",
+        description="TUNELOOP_ENGINE=openai: comma-separated base URLs of the vLLM OpenAI servers (replicas), "
+        "e.g. `http://10.0.0.5:8000,http://10.0.0.6:8000`; each started with `--enable-lora` and "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, reading the adapters folder at the same path as this server.",
+    )
+    engine_api_key: str | None = Field(
+        None, description="TUNELOOP_ENGINE=openai: the replicas' `--api-key`, sent as a bearer token."
+    )
+    engine_health_seconds: float = Field(
+        2.0, gt=0, description="TUNELOOP_ENGINE=openai: how often each replica's `/health` is asked; one that "
+        "fails is out of rotation until it answers again and holds the active adapter."
+    )
+    engine_affinity_slack: int = Field(
+        2, ge=0, description="TUNELOOP_ENGINE=openai: a conversation stays on its replica (prefix-cache hits) "
+        "while that replica has at most this many more requests in flight than the least busy one."
     )
     admin_token: str = Field(
         DEVELOPMENT_ADMIN_TOKEN,

@@ -15,4 +15,8 @@ def build_engine(settings: Settings) -> ChatEngine:
         from server.engine.vllm_engine import VllmChatEngine
 
         return VllmChatEngine(settings)
-    raise ValueError(f"TUNELOOP_ENGINE must be `vllm` or `fake`, not {settings.engine!r}")
+    if settings.engine == "openai":
+        from server.engine.remote import RemoteChatEngine
+
+        return RemoteChatEngine(settings)
+    raise ValueError(f"TUNELOOP_ENGINE must be `vllm`, `openai` or `fake`, not {settings.engine!r}")
