@@ -227,7 +227,8 @@ def test_two_retrains_make_one_run_and_a_killed_run_fails_without_touching_servi
     # serving is untouched, and the next retrain is not blocked
     assert answer(server, headers).status_code == 200
     assert httpx.get(server.base_url + "/healthz").json() == {
-        "status": "ok", "engine": "vllm", "model": server.app.state.engine.model, "adapter": None}
+        "status": "ok", "engine": "vllm", "model": server.app.state.engine.model, "adapter": None,
+        "beside": None}
     again = httpx.post(server.base_url + "/api/admin/retrain", headers=ADMIN, timeout=60)
     assert again.status_code == 202
     with Session(server.app.state.db) as session:
