@@ -37,20 +37,17 @@ async def sync_once(registry: AdapterRegistry) -> bool:
     wanted, keep, beside = await asyncio.to_thread(registry.plan_in_db)
     swapped = await _follow(registry, wanted)
     registry.preload(keep)
-    await _serve_beside(registry, beside)
+    _serve_beside(registry, beside)
     return swapped
 
 
-async def _serve_beside(registry: AdapterRegistry, beside: tuple[AdapterRef, str] | None) -> None:
+def _serve_beside(registry: AdapterRegistry, beside: tuple[AdapterRef, str] | None) -> None:
     """Serve the canary (or the watched promotion's previous version) beside
-    the active one; one that won't load here only means no A/B turns of the two
-    from this server: the canary is judged on the other servers' votes, or
-    ends at its time limit."""
+    the active one, in the background (``AdapterRegistry.follow_beside``); one
+    that won't load here only means no A/B turns of the two from this server:
+    the canary is judged on the other servers' votes, or ends at its limit."""
     ref, role = beside if beside is not None and beside[0] != registry.active else (None, None)
-    try:
-        await registry.serve_beside(ref, role)
-    except AdapterLoadError as exc:
-        log.error("cannot serve %s beside the active adapter here: %s", ref.name if ref else None, exc)
+    registry.follow_beside(ref, role)
 
 
 async def _follow(registry: AdapterRegistry, wanted: AdapterRef | None) -> bool:

@@ -68,6 +68,7 @@ class AdapterRegistry:
         self.beside_role: str | None = None  # "canary" | "watch"
         self._beside_lock = asyncio.Lock()
         self._beside_errors: dict[AdapterRef, str] = {}
+        self._beside_task: asyncio.Task[None] | None = None
 
     def plan_in_db(self) -> tuple[AdapterRef | None, list[AdapterRef], tuple[AdapterRef, str] | None]:
         """The version the database calls active, those to keep loaded beside it,
@@ -102,6 +103,28 @@ class AdapterRegistry:
                 raise
             self.beside, self.beside_role = ref, role
             log.info("serving %s beside the active adapter (%s)", ref.name if ref else "nothing", role)
+
+    def follow_beside(self, ref: AdapterRef | None, role: str | None = None) -> None:
+        """:meth:`serve_beside` in the background: starting a second engine can
+        take a minute, and a promotion or rollback must not wait behind it. One
+        at a time; a change asked for meanwhile is taken up by the next sync."""
+        task = self._beside_task
+        if task is not None and not task.done():
+            return
+        if ref == self.beside and self.engine.serving_beside() == ref:
+            self.beside_role = role
+            return
+        self._beside_task = asyncio.create_task(self._serve_beside_logged(ref, role), name="serve-beside")
+
+    async def _serve_beside_logged(self, ref: AdapterRef | None, role: str | None) -> None:
+        try:
+            await self.serve_beside(ref, role)
+        except AdapterLoadError as exc:
+            log.error("cannot serve %s beside the active adapter here: %s", ref.name if ref else None, exc)
+        except EngineUnavailable:
+            pass  # the engine is (re)starting; the next sync tries again
+        except Exception:
+            log.exception("serving %s beside the active adapter failed", ref.name if ref else None)
 
     def challenger(self) -> AdapterRef | None:
         """The version A/B turns may pit against the active one now: served
@@ -162,8 +185,9 @@ class AdapterRegistry:
             self._preloads[ref.lora_id] = asyncio.create_task(self._preload(ref), name=f"preload-{ref.name}")
 
     def cancel_preloads(self) -> None:
-        for task in self._preloads.values():
-            task.cancel()
+        for task in (*self._preloads.values(), self._beside_task):
+            if task is not None:
+                task.cancel()
 
     async def _load(self, ref: AdapterRef) -> None:
         pending = self._preloads.get(ref.lora_id)
