@@ -237,6 +237,11 @@ class Settings(BaseSettings):
         "pairs (and single thumbs): the lower end of this paired-bootstrap interval of the mean margin gain must "
         "be above TUNELOOP_GATE_MIN_MARGIN_GAIN, so a gain a few items could give by chance does not promote."
     )
+    gate_thin_evidence: str = Field(
+        "canary", pattern="^(canary|wait)$", description="A candidate refused only because too few held-out items "
+        "count as evidence (TUNELOOP_GATE_MIN_HELD_OUT_PAIRS / _THUMBS; every other check passed): `canary` -- "
+        "users judge it on a canary (with TUNELOOP_CANARY on) -- or `wait` for a later run with more."
+    )
     gate_max_eval_pairs: int = Field(
         256, ge=1, description="Most held-out pairs the gate scores: the newest half plus a random sample "
         "of older ones, so a run's cost does not grow with the history."
@@ -307,6 +312,18 @@ class Settings(BaseSettings):
     )
     run_timeout_minutes: int = Field(
         120, ge=1, description="A training run still going after this long is killed and failed."
+    )
+    trainer: str = Field(
+        "local", pattern="^(local|workers)$", description="Where retraining runs: `local` -- this server starts "
+        "it as a child process (the embedded default) -- or `workers` -- runs are only queued, and a "
+        "`tuneloop trainer` worker (on the GPU machine; any number of them) claims each one."
+    )
+    trainer_claim_minutes: float = Field(
+        30.0, gt=0, description="With TUNELOOP_TRAINER=workers: a queued run no worker claimed within this long "
+        "is failed (saying so), so a missing worker never blocks retraining for good."
+    )
+    trainer_poll_seconds: float = Field(
+        2.0, gt=0, description="How often an idle `tuneloop trainer` worker looks for a queued run."
     )
     adapter_poll_seconds: float = Field(
         5.0, gt=0, description="Fallback: how often each server re-reads the active adapter without being "

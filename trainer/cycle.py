@@ -267,7 +267,13 @@ def _run(settings: Settings, db: Engine, run_id: int, heartbeat: Heartbeat) -> s
             # someone activated or rolled back meanwhile: their decision stands
             decision["promote"] = False
             decision["reasons"].append("the active adapter changed during the run; not overriding it")
-        if decision["promote"] and settings.canary:
+        unchanged = (serving_now.version if serving_now else None) == parent[0]
+        users_decide = decision.get("thin_evidence") and unchanged and settings.canary \
+            and settings.gate_thin_evidence == "canary"
+        if users_decide:
+            decision["reasons"].append("too few held-out items to decide offline: users decide on a canary "
+                                       "(TUNELOOP_GATE_THIN_EVIDENCE=canary)")
+        if (decision["promote"] and settings.canary) or users_decide:
             start_canary(session, row, version_name(parent[0]))  # users decide (store.canary)
             run.status = "canary"
         elif decision["promote"]:
@@ -359,7 +365,8 @@ def _evaluate(settings, active_path, candidate_path, eval_pairs, config, eval_ex
         metrics.relative_to_base(base.example_logps, labels)
     decision = gate(candidate, active, config, base_sanity_nll=base.sanity_nll, trained=trained)
     return (
-        {"promote": decision.promote, "reasons": list(decision.reasons), "numbers": decision.numbers},
+        {"promote": decision.promote, "reasons": list(decision.reasons), "numbers": decision.numbers,
+         "thin_evidence": decision.thin_evidence},
         candidate.to_dict(),
         active.to_dict(),
     )

@@ -96,6 +96,9 @@ class GateDecision:
     promote: bool
     reasons: list[str] = field(default_factory=list)
     numbers: dict[str, float | None] = field(default_factory=dict)
+    # refused only because too few held-out items count as evidence (every other
+    # check passed): with TUNELOOP_GATE_THIN_EVIDENCE=canary, users decide instead
+    thin_evidence: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -328,6 +331,7 @@ def gate(
          "required_example_accuracy"),
     ]
     evidence = []
+    thin: list[str] = []  # kinds with too few held-out items to count
     minimum = {"pairs": (config.gate_min_held_out_pairs, "TUNELOOP_GATE_MIN_HELD_OUT_PAIRS"),
                "examples": (config.gate_min_held_out_thumbs, "TUNELOOP_GATE_MIN_HELD_OUT_THUMBS")}
     per_item = {"pairs": (candidate.pair_margins, active.pair_margins),
@@ -337,8 +341,8 @@ def gate(
             continue
         needed, setting = minimum[kind]
         if count < needed:
-            failures.append(f"only {count} {where}; the gate needs {needed} before they count as evidence "
-                            f"({setting}): the run waits for more")
+            thin.append(f"only {count} {where}; the gate needs {needed} before they count as evidence "
+                        f"({setting}): the run waits for more")
             continue
         mine, theirs = per_item[kind]
         if len(mine) != count or len(theirs) != count:
@@ -359,7 +363,7 @@ def gate(
                 f"mean {margin_name} on {where} is not shown to grow by more than {config.gate_min_margin_gain:g}: "
                 f"{paired.describe()} ({_fmt(cand_margin)} vs active {_fmt(act_margin)})"
             )
-    if not evidence:
+    if not evidence and not thin:
         failures.append(
             "no held-out pairs or single thumbs of what this run trained on yet: without them there is no "
             "evidence the candidate answers better, so it is not promoted"
@@ -369,8 +373,9 @@ def gate(
             f"general answers got worse: sanity-set NLL is {candidate.sanity_nll:.4f}, above the allowed "
             f"{max_sanity:.4f} ({reference_name} {reference:.4f} + {config.gate_sanity_nll_tolerance:.0%})"
         )
-    if failures:
-        return GateDecision(promote=False, reasons=failures, numbers=numbers)
+    if failures or thin:
+        return GateDecision(promote=False, reasons=thin + failures, numbers=numbers,
+                            thin_evidence=bool(thin) and not failures)
     return GateDecision(
         promote=True,
         reasons=[

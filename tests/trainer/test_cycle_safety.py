@@ -85,3 +85,38 @@ def test_one_unusable_pair_is_skipped_with_its_reason_and_the_run_goes_on(tmp_pa
     assert "above max_prompt_length" in skipped["reason"] and run.metrics["pairs"]["skipped"] == 1
     assert version.version == 1 and version.status in ("active", "rejected")
     assert skipped["pair_id"] not in {p.id for p in again.new}
+
+
+def test_a_candidate_with_too_few_held_out_pairs_goes_to_users_as_a_canary(tmp_path):
+    """Real training; the gate has only a few held-out pairs (fewer than 8) and
+    every other check passes: with the canary on, users decide
+    (TUNELOOP_GATE_THIN_EVIDENCE=canary, the default) instead of the run waiting."""
+    settings = make_settings(
+        tmp_path, model=MODEL, train_max_steps=2, train_batch_size=2, eval_share=0.5, replay_fraction=0.0,
+        canary=True, gate_sanity_tolerance=10.0,
+    )
+    settings.data_dir.mkdir(parents=True)
+    upgrade(settings.resolved_database_url)
+    db = make_engine(settings.resolved_database_url)
+    with session_scope(db) as s:
+        user = User(kind="api", name="caller")
+        s.add(user)
+        s.flush()
+        for i in range(10):
+            turn = start_turn(s, user, None, [{"role": "user", "content": f"Name a colour, {i}."}],
+                              [{"temperature": 1.0}, {"temperature": 1.0}], max_turns=10, compare=True)
+            for message, text in zip(turn.answers, (f"Blue {i}.", f"Well, there are many colours, {i}"),
+                                     strict=True):
+                message.status, message.content = "complete", text
+            s.flush()
+            record_choice(s, user, turn.comparison.id, "a", eval_share=0.5)
+    run_id = open_run(db, "manual")
+    assert run_cycle(settings, run_id) == "canary"
+    with session_scope(db) as s:
+        run = s.get(TrainingRun, run_id)
+        version = s.exec(select(AdapterVersion)).one()
+        decision = run.metrics["decision"]
+    assert version.status == "canary" and decision["thin_evidence"] and not decision["promote"]
+    assert 0 < decision["numbers"]["pairs"] < 8
+    assert any("users decide on a canary" in r for r in decision["reasons"])
+    db.dispose()

@@ -203,3 +203,17 @@ def test_paired_evidence_interval_and_sign_test():
     assert sign_test(9, 1) == pytest.approx(11 / 1024) and sign_test(0, 0) == 1.0 and sign_test(0, 3) == 1.0
     with pytest.raises(ValueError):
         paired_evidence([1.0], [1.0, 2.0])
+
+
+def test_too_few_held_out_items_alone_mark_the_refusal_as_thin_evidence():
+    """Only the minimum refused: the decision says so (the cycle then lets users
+    decide on a canary, TUNELOOP_GATE_THIN_EVIDENCE=canary). Anything else failing too: not thin."""
+    thin = gate(metrics(0.9, 0.9, 1.0, pairs=5), metrics(0.5, 0.1, 1.0, pairs=5), TrainConfig(), base_sanity_nll=1.0)
+    assert not thin.promote and thin.thin_evidence
+    assert thin.to_dict()["thin_evidence"] is True
+    drifted = gate(metrics(0.9, 0.9, 2.0, pairs=5), metrics(0.5, 0.1, 1.0, pairs=5), TrainConfig(),
+                   base_sanity_nll=1.0)
+    assert not drifted.promote and not drifted.thin_evidence
+    assert any("general answers got worse" in r for r in drifted.reasons)
+    enough = gate(metrics(0.9, 0.9, 1.0, pairs=8), metrics(0.5, 0.1, 1.0, pairs=8), TrainConfig())
+    assert not enough.thin_evidence
