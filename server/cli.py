@@ -192,7 +192,10 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
         started = start_cycle(settings, db, "manual")
     except CycleBusy as busy:
         raise CliError(f"{busy}; try again when it has finished") from busy
-    print(f"run {started.run_id} started (log: {started.log_path})", flush=True)
+    if started.process is None:
+        print(f"run {started.run_id} queued for a trainer worker (TUNELOOP_TRAINER=workers)", flush=True)
+    else:
+        print(f"run {started.run_id} started (log: {started.log_path})", flush=True)
     shown = None
     while True:
         with Session(db) as session:
@@ -203,7 +206,7 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
         elif line != shown:
             print(line, flush=True)
         shown = line
-        if run.status not in ("queued", "running") and started.process.poll() is not None:
+        if run.status not in ("queued", "running") and (started.process is None or started.process.poll() is not None):
             break
         time.sleep(1)
     if started.watcher:
@@ -212,6 +215,17 @@ def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
     print(_decision_text(run))
     if run.status == "failed":
         raise CliError(f"run {run.id} failed: {(run.error or '').splitlines()[0] if run.error else ''}")
+
+
+def cmd_trainer(args: argparse.Namespace, settings: Settings) -> None:
+    """Become a trainer worker (``python -m trainer worker``) until SIGTERM/SIGINT:
+    the web server and the trainer share only the store, so this replaces the
+    process rather than importing the trainer."""
+    import os
+
+    argv = [sys.executable, "-m", "trainer", "worker"] + (["--once"] if args.once else [])
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
 
 
 def _progress_line(run) -> str:
@@ -430,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "retrain", help="run one retraining cycle now and print the decision"
     ).set_defaults(handler=cmd_retrain)
+
+    trainer = commands.add_parser(
+        "trainer", help="a trainer worker: claim and train queued runs (TUNELOOP_TRAINER=workers on the servers)"
+    )
+    trainer.add_argument("--once", action="store_true", help="take at most one run, then exit")
+    trainer.set_defaults(handler=cmd_trainer)
 
     adapters = commands.add_parser("adapters", help="adapter versions: list, activate, rollback")
     adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")

@@ -9,6 +9,13 @@ progress. The process doing the run keeps the lease and the run's
 renewing, the lease expires after ``LEASE_TTL_S``, and ``reap_stale_runs``
 marks its run failed, so a killed run never blocks the next one.
 
+With trainer workers (``TUNELOOP_TRAINER=workers``) the run is opened
+``queued`` with a claim deadline and the lease held until then; a worker
+claims it with ``claim_queued_run`` (``SELECT ... FOR UPDATE SKIP LOCKED``,
+then a conditional UPDATE, so two workers never take the same run, also on
+SQLite where SKIP LOCKED does not exist) and from then on the heartbeat rules
+above apply. A run no worker claimed by its deadline is failed, saying so.
+
 The lease is a fence: a run whose renewal failed (its lease expired and may be
 someone else's) stops (``Heartbeat.check`` raises ``LeaseLost``), and a run
 promotes only inside a transaction that has checked it still holds the lease
@@ -21,6 +28,7 @@ import logging
 import threading
 from datetime import datetime, timedelta
 
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -58,16 +66,21 @@ def holder_run_id(holder: str | None) -> int | None:
     return None
 
 
-def open_run(db: Engine, trigger: str) -> int:
+def open_run(db: Engine, trigger: str, *, claim_within_s: float | None = None) -> int:
     """Create a queued run holding the retrain lease; return its id. Raises
-    CycleBusy (and creates nothing) if another run holds the lease."""
+    CycleBusy (and creates nothing) if another run holds the lease.
+    ``claim_within_s``: the run waits for a trainer worker, which must claim
+    it within that many seconds; the lease is held that long meanwhile."""
     with session_scope(db) as session:
         reap_stale_runs(session)
     with session_scope(db) as session:
         run = TrainingRun(status="queued", trigger=trigger)
+        if claim_within_s is not None:
+            run.claim_by = db_now(session) + timedelta(seconds=claim_within_s)
         session.add(run)
         session.flush()
-        if not leases.acquire(session, leases.RETRAIN, lease_holder(run.id), LEASE_TTL_S):
+        ttl = max(LEASE_TTL_S, claim_within_s or 0.0)
+        if not leases.acquire(session, leases.RETRAIN, lease_holder(run.id), ttl):
             holder = leases.current_holder(session, leases.RETRAIN)
             session.rollback()
             raise CycleBusy(holder_run_id(holder))
@@ -95,17 +108,55 @@ def reap_stale_runs(session: Session, now: datetime | None = None) -> list[int]:
     stale_before = now - timedelta(seconds=STALE_AFTER_S)
     reaped = []
     for run in session.exec(select(TrainingRun).where(col(TrainingRun.status).in_(("queued", "running")))).all():
-        last = run.heartbeat_at or run.started_at or run.created_at
-        if last.tzinfo is None:
-            last = last.replace(tzinfo=now.tzinfo)
-        if last < stale_before:
+        waiting = run.status == "queued" and run.claim_by is not None and run.worker is None
+        if waiting:  # queued for a trainer worker: stale only once nobody claimed it in time
+            stale = _aware(run.claim_by, now) < now
+            why = ("no trainer worker claimed it in time (TUNELOOP_TRAINER_CLAIM_MINUTES): is a "
+                   "`tuneloop trainer` worker running against this database?")
+        else:
+            stale = _aware(run.heartbeat_at or run.started_at or run.created_at, now) < stale_before
+            why = "the training process stopped responding (killed or crashed)"
+        if stale:
             run.status = "failed"
             run.finished_at = now
-            run.error = (run.error or "") + "the training process stopped responding (killed or crashed)"
+            run.error = (run.error or "") + why
             session.add(run)
             release_reserved_versions(session, run.id, "its training run stopped responding")
             reaped.append(run.id)
     return reaped
+
+
+def _aware(moment: datetime, now: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=now.tzinfo)
+
+
+def claim_queued_run(db: Engine, worker: str) -> int | None:
+    """Claim the oldest run queued for trainer workers for ``worker``; return its
+    id, or None when there is none. Rows another worker is claiming are skipped
+    (SKIP LOCKED), and the conditional UPDATE makes the claim exclusive even
+    where row locks do not exist (SQLite)."""
+    with session_scope(db) as session:
+        reap_stale_runs(session)
+    with session_scope(db) as session:
+        candidates = session.exec(
+            select(TrainingRun.id)
+            .where(TrainingRun.status == "queued", col(TrainingRun.claim_by).is_not(None),
+                   col(TrainingRun.worker).is_(None))
+            .order_by(col(TrainingRun.id))
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for run_id in candidates:
+            claimed = session.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == run_id, TrainingRun.status == "queued",
+                       col(TrainingRun.worker).is_(None))
+                .values(worker=worker, heartbeat_at=db_now(session))
+            ).rowcount
+            if claimed and leases.current_holder(session, leases.RETRAIN) == lease_holder(run_id):
+                return run_id
+            session.rollback()  # taken meanwhile, or its lease lapsed (the reaper fails it)
+    return None
 
 
 def release_reserved_versions(session: Session, run_id: int, reason: str) -> None:

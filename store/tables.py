@@ -218,6 +218,10 @@ class TrainingRun(SQLModel, table=True):
     )
     trigger: str = Field(default="manual", max_length=16, description="schedule | manual | api")
     pid: int | None = None
+    worker: str | None = Field(
+        default=None, max_length=200, description="the `tuneloop trainer` worker that claimed it (host:pid)"
+    )
+    claim_by: datetime | None = _timestamp(nullable=True)  # queued for workers: one must claim it by then
     adapter_version: int | None = Field(default=None, description="candidate it produced")
     parent_version: int | None = Field(default=None, description="adapter it continued")
     progress: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))

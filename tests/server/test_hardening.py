@@ -18,6 +18,7 @@ from server import cli, retraining
 from server.app import create_app
 from server.engine.fake import FakeChatEngine
 from server.identity import create_api_key
+from store import run_process
 from store.db import make_engine, session_scope, upgrade
 from store.settings import Settings
 from tests.conftest import REPO, make_settings
@@ -363,7 +364,7 @@ def test_trainer_settings_file_is_private_and_removed(tmp_path, monkeypatch):
 
 def test_settings_file_holds_what_the_trainer_reads(tmp_path):
     settings = make_settings(tmp_path, database_url="postgresql+psycopg://u:pw@db/x")
-    path = retraining._settings_file(settings, 7)
+    path = run_process.settings_file(settings, 7)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert Settings.model_validate_json(path.read_text()).database_url == settings.database_url
 

@@ -22,7 +22,7 @@ def run_json(run: TrainingRun) -> dict[str, Any]:
     return {
         "id": run.id, "status": run.status, "trigger": run.trigger, "progress": run.progress,
         "metrics": run.metrics, "error": run.error, "adapter_version": _name(run.adapter_version),
-        "parent_version": _name(run.parent_version),
+        "parent_version": _name(run.parent_version), "worker": run.worker,
         "created_at": _iso(run.created_at), "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at), "heartbeat_at": _iso(run.heartbeat_at),
     }
