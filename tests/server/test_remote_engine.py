@@ -11,13 +11,8 @@ time that changes the answer, an abort that the server sees.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,6 +26,7 @@ from server.engine.remote import RemoteChatEngine, affinity_key, parse_engine_ur
 from tests.conftest import REPO, make_settings
 from tests.support.adapter_folders import servable_folder
 from tests.support.fake_openai import BASE_MODEL, FakeFleet
+from tests.support.vllm_serve import VllmServer, VllmServerExited, VllmServerTimeout
 
 P, Q, R = "http://replica-p:8000", "http://replica-q:8000", "http://replica-r:8000"
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -492,51 +488,19 @@ SERVER_START_TIMEOUT_S = 900
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory) -> Iterator[dict]:
     """One vLLM OpenAI server for this module: base URL, start seconds, log path."""
-    from server.engine.vllm_engine import cpu_threads_bind
-
     model = os.environ.get("TUNELOOP_MODEL", str(REPO / "models/smollm2-135m-instruct"))
     if not Path(model, "config.json").is_file():
         pytest.fail(f"the model folder {model} is missing: run `make test` (it converts the packaged model)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log_path = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
-    env = os.environ | {
-        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cpu_threads_bind("all")),
-    }
-    # vllm-cpu's `vllm` console script fails on its package name; the module is the same server.
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--host", "127.0.0.1", "--port", str(port), "--enable-lora", "--max-lora-rank", "16",
-               "--max-model-len", "1024", "--dtype", "float32", "--enable-prompt-tokens-details"]
-    started = time.monotonic()
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.skip(f"`vllm serve` could not start (exit {process.returncode}); its log: "
-                            f"{log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() - started > SERVER_START_TIMEOUT_S:
-                pytest.fail(f"`vllm serve` did not answer /health within {SERVER_START_TIMEOUT_S} s; see {log_path}")
-            time.sleep(0.5)
-        seconds = time.monotonic() - started
-        print(f"\nvllm serve answered /health after {seconds:.1f} s")
-        yield {"url": url, "start_seconds": seconds, "log": log_path, "model": model}
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+    server = VllmServer(model, tmp_path_factory.mktemp("vllm-serve") / "serve.log")
+    with server:
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            seconds = server.wait_ready(SERVER_START_TIMEOUT_S)
+        except VllmServerExited as exc:
+            pytest.skip(f"`vllm serve` could not start here: {exc}")
+        except VllmServerTimeout as exc:
+            pytest.fail(str(exc))
+        print(f"\nvllm serve answered /health after {seconds:.1f} s")
+        yield {"url": server.url, "start_seconds": seconds, "log": server.log_path, "model": model}
 
 
 def running_requests(url: str) -> float:
