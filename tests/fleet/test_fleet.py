@@ -37,6 +37,7 @@ from server.identity import create_api_key
 from store.db import make_engine, session_scope, upgrade
 from tests.conftest import REPO, _postgres_database
 from tests.support.vllm_serve import VllmServer, free_port
+from tests.support.waiting import wait_for as wait_until
 
 pytestmark = [pytest.mark.engine, pytest.mark.postgres]
 
@@ -90,13 +91,7 @@ class TuneloopProcess:
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return wait_until(predicate, timeout, what, interval)
 
 
 def served_requests(replica: VllmServer) -> float:

@@ -18,6 +18,7 @@ from server.scheduler import RetrainScheduler
 from store.db import session_scope
 from store.pairs import build_pairs
 from store.tables import AdapterVersion, Message, PreferencePair, TrainingRun
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -35,14 +36,6 @@ QUESTIONS = [
 ]
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def give_feedback_until_both_splits(server, headers, eval_share_min: int = 1, train_min: int = 4) -> None:
